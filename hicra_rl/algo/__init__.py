@@ -1,0 +1,26 @@
+"""The HICRA algorithm as pure tensor functions."""
+from hicra_rl.algo.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    dr_grpo_advantages,
+    hicra_advantages,
+    mean_centred_advantages,
+    std_normalised_advantages,
+)
+from hicra_rl.algo.logprobs import logprobs_and_entropy
+from hicra_rl.algo.losses import PolicyLossConfig, aggregate_loss, kl_penalty, masked_mean, ppo_clip_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "PolicyLossConfig",
+    "aggregate_loss",
+    "compute_advantages",
+    "dr_grpo_advantages",
+    "hicra_advantages",
+    "kl_penalty",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "mean_centred_advantages",
+    "ppo_clip_loss",
+    "std_normalised_advantages",
+]

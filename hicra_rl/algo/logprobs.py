@@ -1,0 +1,69 @@
+"""Token log-probs and entropies from logits, one chunk at a time.
+
+Real vocabularies reach 150k: an fp32 [tokens x vocab] softmax for a 16k-token batch is 9.6 GB.
+``logprobs_and_entropy`` computes both quantities chunk by chunk in fp32 and, through a custom
+autograd function, recomputes each chunk's softmax in the backward pass instead of saving it, so at
+most one fp32 chunk of [chunk_size x vocab] is alive at a time (beyond the logits themselves and
+their gradient, which the model owns).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _chunk_stats(logits_chunk: torch.Tensor, labels_chunk: torch.Tensor):
+    z = logits_chunk.float()
+    lse = torch.logsumexp(z, dim=-1)
+    label_logit = z.gather(-1, labels_chunk[:, None]).squeeze(-1)
+    p = torch.softmax(z, dim=-1)
+    expected_z = (p * z).sum(-1)
+    return label_logit - lse, lse - expected_z, lse, expected_z
+
+
+class _ChunkedLogProbEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+        n = logits.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ez = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, chunk_size):
+            e = min(n, s + chunk_size)
+            logp[s:e], ent[s:e], lse[s:e], ez[s:e] = _chunk_stats(logits[s:e], labels[s:e])
+        ctx.save_for_backward(logits, labels, lse, ez)
+        ctx.chunk_size = chunk_size
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, grad_ent: torch.Tensor):
+        logits, labels, lse, ez = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        n = logits.shape[0]
+        cs = ctx.chunk_size
+        for s in range(0, n, cs):
+            e = min(n, s + cs)
+            z = logits[s:e].float()
+            p = torch.exp(z - lse[s:e, None])
+            # d logp_label / dz_j = 1[j = label] - p_j
+            g = -p * grad_logp[s:e, None]
+            g.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None].float())
+            # d H / dz_j = -p_j (z_j - E_p[z])
+            g -= grad_ent[s:e, None] * p * (z - ez[s:e, None])
+            grad[s:e] = g.to(logits.dtype)
+        return grad, None, None
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(label) and H(pi) per position, in fp32.  ``logits`` [..., V], ``labels`` [...]."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = labels.shape
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    logp, ent = _ChunkedLogProbEntropy.apply(flat_logits, flat_labels, chunk_size)
+    return logp.view(lead), ent.view(lead)
