@@ -1,0 +1,2 @@
+"""Rewards: answer extraction and math-verify equivalence (``math``), reasoning-gym tasks (``tasks``),
+and time-bounded verification in killable worker processes (``pool``)."""
