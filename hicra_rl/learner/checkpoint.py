@@ -1,0 +1,209 @@
+"""Atomic, resumable checkpoints of a ``PolicyLearner``.
+
+Layout of ``<run_dir>/step-N/`` (the run directory must be shared by all ranks)::
+
+    hf/                   the policy as a Hugging Face model folder (+ tokenizer files of model_path)
+    deepspeed/state/      DeepSpeed's module, optimizer (per ZeRO partition) and LR-scheduler state
+    rng/rank{r}.pt        python, numpy and torch RNG states of every rank
+    extra.json            the caller's ``extra`` dict (data position, step, ...)
+    checkpoint.json       manifest, written last
+
+Everything is written into ``<run_dir>/.tmp-step-N``, fsynced, then renamed to ``step-N`` with
+``os.replace`` (atomic on one filesystem); the ``latest`` marker is written after the rename.  A crash
+leaves at worst a ``.tmp-*`` folder, which ``find_latest_complete`` ignores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "checkpoint.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_DS_TAG = "state"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{int(step)}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_hf_model(learner, out_dir: Path) -> None:
+    """The policy as an HF folder (rank 0 writes; collective because of ZeRO-3 gathering)."""
+    state = learner.full_state_dict()
+    if learner.rank != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    learner.engine.module.save_pretrained(out_dir, state_dict=state)
+    src = Path(learner.cfg.model_path)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out_dir / name)
+
+
+def save_checkpoint(learner, run_dir: str | os.PathLike, step: int, extra: dict | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Write ``<run_dir>/step-<step>`` atomically on all ranks (collective); returns its path.
+
+    ``extra`` must be JSON-serialisable.  ``keep_last`` (>= 1) deletes older complete checkpoints.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    extra_text = json.dumps(extra or {}, indent=2, sort_keys=True)  # fail before any collective work
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".tmp-{step_dir_name(step)}"
+    if learner.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crashed save of the same step
+        tmp.mkdir()
+    learner.barrier()
+
+    learner.engine.save_checkpoint(str(tmp / "deepspeed"), tag=_DS_TAG, save_latest=False)
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank{learner.rank}.pt")
+    save_hf_model(learner, tmp / "hf")
+    learner.barrier()
+
+    if learner.rank == 0:
+        (tmp / "extra.json").write_text(extra_text)
+        manifest = {"format": FORMAT_VERSION, "step": int(step), "world_size": learner.world_size,
+                    "zero_stage": learner.cfg.zero_stage, "global_steps": learner.global_steps}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step: swap the old one out, then drop it
+            trash = run_dir / f".trash-{step_dir_name(step)}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        _write_text_atomic(run_dir / LATEST, final.name + "\n")
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last)
+    learner.barrier()
+    return final
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest; {ckpt_dir} is not a complete checkpoint") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    for key in ("format", "step", "world_size", "zero_stage"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing field {key!r}")
+    if manifest["format"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: field 'format' is {manifest['format']}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / MANIFEST).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_complete(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step, or None (``.tmp-*`` and folders without a
+    manifest are ignored, so an interrupted save never wins)."""
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints; returns the deleted paths."""
+    found = complete_checkpoints(run_dir)
+    doomed = [p for _, p in found[:-keep_last]] if keep_last < len(found) else []
+    for path in doomed:
+        trash = path.with_name(f".trash-{path.name}")
+        os.replace(path, trash)  # a half-deleted folder must never look complete
+        shutil.rmtree(trash)
+    return doomed
+
+
+def load_checkpoint(learner, ckpt_dir: str | os.PathLike) -> dict:
+    """Restore weights, optimizer, LR schedule and RNG states into ``learner`` (collective);
+    returns the saved ``extra`` dict.  The learner must be freshly built (ZeRO-3 needs a pristine
+    engine) with the same world size and ZeRO stage."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
+    for key, have in (("world_size", learner.world_size), ("zero_stage", learner.cfg.zero_stage)):
+        if manifest[key] != have:
+            raise ValueError(f"{ckpt_dir / MANIFEST}: field {key!r} is {manifest[key]}, this learner has {have}")
+    load_path, _ = learner.engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=_DS_TAG,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"{ckpt_dir / 'deepspeed' / _DS_TAG}: DeepSpeed could not load the checkpoint")
+    rng_file = ckpt_dir / "rng" / f"rank{learner.rank}.pt"
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    extra = json.loads((ckpt_dir / "extra.json").read_text())
+    learner.barrier()
+    return extra
