@@ -1,0 +1,291 @@
+"""A vLLM rollout engine: sample G responses per prompt with their log-probs, score fixed sequences, take
+new weights from the learner.
+
+No Ray here: a Ray actor shell owns one ``VLLMRolloutEngine``.  vLLM starts its engine-core process
+itself (also from inside a Ray actor or any non-main process); a script that builds one at import time
+needs the ``if __name__ == "__main__":`` guard.
+
+Log-probs: the engine runs with vLLM's ``logprobs_mode="raw_logprobs"`` by default, so every reported
+value is ``log softmax(logits)[token]`` of the *unmodified* model, i.e. log pi_theta(token | prefix) at
+temperature 1 with no top-p/top-k truncation, whatever temperature/top_p sampled the token.  This is the
+quantity the learner recomputes (GRPO ratio, Eq. 1 of the HICRA paper uses pi_old = the sampler).  With
+``logprobs_mode="processed_logprobs"`` they are the log-probs of the distribution actually sampled from
+(after temperature and top-p).  Prompt log-probs are always raw.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Self
+
+import numpy as np
+import torch
+
+from hicra_rl.rollout import weight_sync
+
+_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+@dataclass
+class SampledResponse:
+    """One sampled response; ``group_index`` is the index of the prompt it answers."""
+
+    group_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]      # log-prob of each sampled token (see module docstring for which one)
+    finish_reason: str         # "stop" (EOS or stop string) | "length" (hit max_tokens) | "abort"
+    text: str
+
+
+@contextlib.contextmanager
+def _environ(updates: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the engine processes vLLM spawns, then restore ours."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cpu_bind(cpu_threads: int | str) -> str:
+    """``4`` -> ``"0-3"`` (first cores); a string such as ``"2-3"`` or ``"auto"`` passes through."""
+    if isinstance(cpu_threads, int):
+        if cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
+        return f"0-{cpu_threads - 1}"
+    return cpu_threads
+
+
+def per_prompt_seeds(seed: int, num_prompts: int) -> list[int]:
+    """Distinct 31-bit seeds per prompt.  vLLM gives sample i of a request the seed ``seed + i``, so one
+    shared seed would give every prompt the same noise; these are independent streams of ``seed``."""
+    state = np.random.SeedSequence(seed).generate_state(num_prompts, dtype=np.uint32)
+    return [int(s) >> 1 for s in state]
+
+
+def _child_pids() -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process().children(recursive=True)]
+
+
+def _shm_files_of(pids: Sequence[int], prefix: str = "/dev/shm/psm_") -> set[str]:
+    """Python shared-memory files (``psm_*``) the given processes have mapped or open (Linux /proc)."""
+    found: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+                if path.startswith(prefix):
+                    found.add(path.removesuffix(" (deleted)"))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(prefix):
+                        found.add(target.removesuffix(" (deleted)"))
+    return found
+
+
+class VLLMRolloutEngine:
+    """Wraps ``vllm.LLM`` for RL rollouts (one engine, ``tensor_parallel_size`` workers)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        kv_cache_gib: int | None = None,
+        cpu_threads: int | str | None = None,
+        enforce_eager: bool | None = None,
+        logprobs_mode: str = "raw_logprobs",
+        weight_transport: str = "shm_file",
+        engine_kwargs: Mapping | None = None,
+    ) -> None:
+        if logprobs_mode not in _LOGPROB_MODES:
+            raise ValueError(f"logprobs_mode must be one of {_LOGPROB_MODES}, got {logprobs_mode!r}")
+        weight_sync.check_transport(weight_transport)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_path = model_path
+        self.seed = seed
+        self.logprobs_mode = logprobs_mode
+        self.weight_transport = weight_transport
+        self.is_cpu = current_platform.is_cpu()
+        env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # collective_rpc ships a Python function
+        if self.is_cpu:
+            if kv_cache_gib is not None:
+                env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+            if cpu_threads is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_bind(cpu_threads)
+        if enforce_eager is None:
+            enforce_eager = self.is_cpu  # on CPU compile/warm-up costs more than it saves for short runs
+        kwargs = {
+            "model": model_path,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+            "logprobs_mode": logprobs_mode,
+        }
+        kwargs.update(engine_kwargs or {})
+        shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        children_before = set(_child_pids())
+        t0 = time.perf_counter()
+        with _environ(env):
+            # the env var must also be set in *this* process: it decides how RPC results are decoded
+            self.llm = LLM(**kwargs)
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        self.startup_seconds = time.perf_counter() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self._shm_before = {f"/dev/shm/{name}" for name in shm_before}
+        self._engine_pids = set(_child_pids()) - children_before
+        self._shm_files = self._engine_shm_files()
+        self.sync_history: list[weight_sync.SyncStats] = []
+
+    # ------------------------------------------------------------------ sampling
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        n: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> list[SampledResponse]:
+        """Sample ``n`` responses per prompt.  Returned prompt-major: prompt 0's n samples, then prompt 1's.
+
+        ``seed`` makes the call reproducible (each prompt gets its own stream, see ``per_prompt_seeds``);
+        ``None`` draws from the engine's RNG.  ``stop`` strings end a response (finish_reason "stop");
+        EOS always does.
+        """
+        from vllm import SamplingParams
+
+        self._check_prompts(prompt_ids)
+        if n < 1 or max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={n}, max_tokens={max_tokens}")
+        seeds = per_prompt_seeds(seed, len(prompt_ids)) if seed is not None else [None] * len(prompt_ids)
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=s,
+                stop=list(stop) if stop else None,
+                logprobs=0,  # 0 = only the sampled token's log-prob
+            )
+            for s in seeds
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
+        )
+        responses: list[SampledResponse] = []
+        for group, out in enumerate(outputs):
+            for sample, completion in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                token_ids = list(completion.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs or [])]
+                if len(logprobs) != len(token_ids):
+                    raise RuntimeError(
+                        f"vLLM returned {len(logprobs)} log-probs for {len(token_ids)} tokens "
+                        f"(prompt {group}, sample {sample})"
+                    )
+                responses.append(
+                    SampledResponse(
+                        group_index=group,
+                        sample_index=sample,
+                        prompt_ids=list(prompt_ids[group]),
+                        token_ids=token_ids,
+                        logprobs=logprobs,
+                        finish_reason=str(completion.finish_reason),
+                        text=completion.text,
+                    )
+                )
+        return responses
+
+    def prompt_logprobs(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """log pi(response_t | prompt, response_<t) for each fixed response token (raw, temperature 1)."""
+        from vllm import SamplingParams
+
+        self._check_prompts(prompt_ids)
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False)
+        result = []
+        for p, r, ids, out in zip(prompt_ids, response_ids, full, outputs):
+            steps = out.prompt_logprobs[len(p):]
+            result.append([step[tok].logprob for tok, step in zip(ids[len(p):], steps)])
+            assert len(result[-1]) == len(r)
+        return result
+
+    def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> None:
+        if not prompt_ids:
+            raise ValueError("no prompts given")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> weight_sync.SyncStats:
+        """Load a full HF state dict (names as in the HF checkpoint) into every worker; returns timing."""
+        stats = weight_sync.push_state_dict(self.llm, state_dict, transport=self.weight_transport)
+        self.sync_history.append(stats)
+        return stats
+
+    def receive_weights(self, handle: weight_sync.WeightHandle) -> weight_sync.SyncStats:
+        """Load weights another process published (``weight_sync.publish_state_dict``); the publisher
+        releases the handle when all engines have loaded it."""
+        stats = weight_sync.load_published(self.llm, handle)
+        self.sync_history.append(stats)
+        return stats
+
+    # ------------------------------------------------------------------ lifecycle
+    def _engine_shm_files(self) -> set[str]:
+        """``psm_*`` files mapped by this engine's processes that did not exist before it started."""
+        return _shm_files_of(sorted(self._engine_pids)) - self._shm_before
+
+    def close(self) -> None:
+        """Stop vLLM's processes and delete the /dev/shm files they used.  Idempotent."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        shm_files = self._shm_files | self._engine_shm_files()
+        self.llm = None
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+        for path in shm_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
