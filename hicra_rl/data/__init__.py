@@ -1,0 +1,1 @@
+"""Problem sets (``datasets``) and chat-template prompts (``prompts``)."""
