@@ -1,0 +1,268 @@
+"""The DeepSpeed policy learner on CPU (gloo): log-probs, the accumulated loss and gradient against a
+direct full-batch computation, ZeRO 0/2/3, the reference model, weight export, and two ranks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
+from hicra_rl.learner.engine import LearnerConfig, PolicyBatch, PolicyLearner, _lr_lambda
+from hicra_rl.learner.sequences import build_sequences, gather_response, response_layout_mask, response_spans
+
+from learner_fixtures import (
+    build_tiny_llama,
+    direct_log_probs,
+    free_port,
+    random_rows,
+    remove_shm_buffers,
+    to_layout,
+    ws2_batch,
+    ws2_learner_config,
+    ws2_rank_main,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield build_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    remove_shm_buffers()
+
+
+@pytest.fixture(scope="module")
+def port():
+    return free_port()
+
+
+def reference_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- pure layout / config
+def test_build_sequences_and_response_layout():
+    ids, am, rm = build_sequences([[5, 6], [7]], [[8, 9, 10], [11, 12]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 8, 9, 10], [7, 11, 12, 0, 0]]
+    assert am.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert rm.tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
+    starts, lengths = response_spans(rm, am)
+    assert starts.tolist() == [2, 1] and lengths.tolist() == [3, 2]
+    # values per position (here: the position itself) -> column j holds position start + j
+    per_position = torch.arange(5.0).expand(2, 5)
+    assert gather_response(per_position, starts, lengths, width=4).tolist() == [[2, 3, 4, 0], [1, 2, 0, 0]]
+    shifted = torch.tensor([[1.0, 2, 3, 4], [1, 2, 3, 4]])  # with offset=1: values[:, c] is position c + 1
+    assert gather_response(shifted, starts, lengths, width=3, offset=1).tolist() == [[2, 3, 4], [1, 2, 0]]
+    assert response_layout_mask(lengths, 4).tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("bad_row, why", [
+    ([0, 1, 0, 1, 0], "two spans"),
+    ([1, 1, 0, 0, 0], "no prompt token"),
+    ([0, 0, 0, 0, 0], "empty"),
+])
+def test_response_spans_rejects_bad_masks(bad_row, why):
+    rm = torch.tensor([[0, 0, 1, 1, 0], bad_row])
+    with pytest.raises(ValueError, match="response_mask row 1"):
+        response_spans(rm)
+
+
+def test_response_outside_attention_mask_is_rejected():
+    with pytest.raises(ValueError, match="row 0"):
+        response_spans(torch.tensor([[0, 1, 1]]), torch.tensor([[1, 1, 0]]))
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    const = _lr_lambda("constant", warmup=3, total=None, min_ratio=0.0)
+    assert [const(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = _lr_lambda("cosine", warmup=2, total=6, min_ratio=0.1)
+    # after warmup: progress (s - 2) / 4; factor 0.1 + 0.9 * (1 + cos(pi p)) / 2
+    assert cos(0) == pytest.approx(1 / 3) and cos(1) == pytest.approx(2 / 3)
+    assert cos(2) == pytest.approx(1.0)
+    assert cos(4) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cos(6) == pytest.approx(0.1) and cos(9) == pytest.approx(0.1)
+
+
+def test_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="zero_stage"):
+        LearnerConfig(model_path="x", zero_stage=4)
+    with pytest.raises(ValueError, match="cosine' needs total_steps"):
+        LearnerConfig(model_path="x", lr_scheduler="cosine")
+    with pytest.raises(ValueError, match="kl_coef != 0 needs use_reference_model"):
+        LearnerConfig(model_path="x", loss={"kl_coef": 0.1})
+    cfg = LearnerConfig(model_path="x", betas=[0.9, 0.95], loss={"agg_mode": "seq-mean-token-mean"})
+    assert cfg.betas == (0.9, 0.95) and cfg.loss.agg_mode == "seq-mean-token-mean"
+
+
+# ---------------------------------------------------------------------------- DeepSpeed, world size 1
+def test_log_probs_and_entropy_match_plain_hf(tiny_model, port):
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=2, micro_batch_size=3,
+                                          logits_temperature=0.7, logprob_chunk_size=5), master_port=port)
+    prompts, responses = random_rows(0, [4, 1, 6, 3, 2], [3, 5, 1, 4, 2])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    lp, ent = learner.compute_log_probs(ids, am, rm, width=6)
+    assert lp.shape == ent.shape == (5, 6)
+    with torch.no_grad():
+        ref_lp, ref_ent = direct_log_probs(reference_model(tiny_model), prompts, responses, temperature=0.7)
+    torch.testing.assert_close(lp, to_layout(ref_lp, 6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, to_layout(ref_ent, 6), atol=1e-4, rtol=0)
+    # sanity of the reference itself: a near-uniform tiny model over 49152 tokens
+    assert abs(float(ref_ent[0][0]) - math.log(49152)) < 0.5
+
+
+@pytest.mark.parametrize("stage, agg_mode, entropy_coef", [
+    (0, "token-mean", 0.0),
+    (2, "seq-mean-token-mean", 0.01),
+    (3, "token-mean", 0.0),
+])
+def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, entropy_coef):
+    """4 sequences, 2 mini-batches (= 2 optimizer steps) of 2 micro-batches each: the learner's
+    accumulated loss, gradient norm and AdamW update equal a direct full-mini-batch computation.
+
+    Adam's eps = 1 makes its update ~ lr * gradient (not ~ lr * sign(gradient)), so the weights check
+    the gradient itself, and fp32 summation-order noise in near-zero gradients stays below 1e-6."""
+    loss_cfg = PolicyLossConfig(agg_mode=agg_mode, entropy_coef=entropy_coef)
+    lr, eps, wd, clip = 0.1, 1.0, 0.1, 1.0
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=stage, lr=lr, eps=eps, weight_decay=wd,
+                                          max_grad_norm=clip, micro_batch_size=1, num_mini_batches=2,
+                                          loss=loss_cfg), master_port=port)
+    prompts, responses = random_rows(1, [3, 7, 2, 5], [6, 2, 9, 4])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    width = 9
+    mask = response_layout_mask(torch.tensor([len(r) for r in responses]), width)
+    lp, _ = learner.compute_log_probs(ids, am, rm, width=width)
+    g = torch.Generator().manual_seed(2)
+    old = (lp + 0.3 * torch.randn(4, width, generator=g)) * mask  # ratios far from 1: both clips fire
+    adv = torch.randn(4, width, generator=g) * mask
+    initial = learner.full_state_dict()
+
+    stats = learner.update(PolicyBatch(ids, am, rm, old, adv))
+
+    model = reference_model(tiny_model)
+    params = [p for p in model.parameters()]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, eps=eps)
+    ref_steps = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        lps, ents = direct_log_probs(model, prompts[rows], responses[rows])
+        loss, st = ppo_clip_loss(to_layout(lps, width), old[rows], adv[rows], mask[rows], loss_cfg,
+                                 entropy=to_layout(ents, width))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad()
+        ref_steps.append((float(loss), st["actor/pg_loss"], float(norm), st["actor/clipfrac"]))
+
+    assert len(learner.step_stats) == 2
+    for got, (loss, pg, norm, clipfrac) in zip(learner.step_stats, ref_steps):
+        assert got["actor/loss"] == pytest.approx(loss, abs=1e-6)
+        assert got["actor/pg_loss"] == pytest.approx(pg, abs=1e-6)
+        assert got["actor/grad_norm"] == pytest.approx(norm, rel=1e-4)
+        assert got["actor/clipfrac"] == pytest.approx(clipfrac, abs=1e-6)
+    assert ref_steps[0][3] > 0 and ref_steps[0][2] > clip  # the clipping paths were exercised
+    assert math.isfinite(stats["actor/loss"]) and stats["actor/num_steps"] == 2
+    assert stats["actor/pg_loss"] == pytest.approx((ref_steps[0][1] + ref_steps[1][1]) / 2, abs=1e-6)
+
+    trained = learner.full_state_dict()
+    expected = model.state_dict()
+    assert set(trained) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, atol=1e-6, rtol=0, msg=name)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert (trained[name] - initial[name]).abs().max() > 1e-4
+
+
+def test_zero_advantages_give_zero_loss_and_no_update(tiny_model, port):
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=2, lr=1e-2, micro_batch_size=2),
+                            master_port=port)
+    prompts, responses = random_rows(3, [2, 4, 3], [5, 3, 4])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    lp, _ = learner.compute_log_probs(ids, am, rm)
+    before = learner.full_state_dict()
+    stats = learner.update({"input_ids": ids, "attention_mask": am, "response_mask": rm,
+                            "old_log_probs": lp, "advantages": torch.zeros_like(lp)})
+    assert stats["actor/pg_loss"] == 0.0 and stats["actor/grad_norm"] == 0.0
+    assert stats["actor/n_tokens"] == 12
+    after = learner.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reference_model_stays_frozen_and_kl_grows(tiny_model, port):
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=3, lr=1e-2, micro_batch_size=2,
+                                          num_mini_batches=2, use_reference_model=True,
+                                          loss={"kl_coef": 0.5}), master_port=port)
+    prompts, responses = random_rows(4, [2, 4, 3, 2], [5, 3, 4, 2])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    lp0, _ = learner.compute_log_probs(ids, am, rm)
+    assert torch.equal(learner.compute_ref_log_probs(ids, am, rm), lp0)
+    adv = torch.randn(lp0.shape, generator=torch.Generator().manual_seed(5))
+    learner.update(PolicyBatch(ids, am, rm, lp0, adv))  # ref log-probs computed inside
+    first, second = learner.step_stats
+    assert first["actor/kl_ref"] == 0.0  # step 1 runs on the initial policy
+    assert second["actor/kl_ref"] > 0.0
+    assert torch.equal(learner.compute_ref_log_probs(ids, am, rm), lp0)
+    assert (learner.compute_log_probs(ids, am, rm)[0] - lp0).abs().max() > 1e-3
+
+
+def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_model, port):
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=3), master_port=port)
+    sd = learner.full_state_dict()
+    expected = reference_model(tiny_model).state_dict()
+    assert set(sd) == set(expected) and "lm_head.weight" in sd
+    for name, value in expected.items():
+        assert torch.equal(sd[name], value), name
+    assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    assert sd["lm_head.weight"].data_ptr() != sd["model.embed_tokens.weight"].data_ptr()
+
+
+def test_update_rejects_mismatched_batch(tiny_model, port):
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=0, num_mini_batches=2),
+                            master_port=port)
+    prompts, responses = random_rows(6, [2, 3, 2], [3, 2, 4])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    z = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="do not split into 2 mini-batches"):
+        learner.update(PolicyBatch(ids, am, rm, z, z))
+    rows = [0, 2]  # responses of 3 and 4 tokens
+    with pytest.raises(ValueError, match="advantages have 3 columns, the longest response has 4"):
+        learner.update(PolicyBatch(ids[rows], am[rows], rm[rows], z[:2, :3], z[:2, :3]))
+    with pytest.raises(ValueError, match="unknown fields"):
+        learner.update({"input_ids": ids, "rewards": z})
+
+
+# ---------------------------------------------------------------------------- two ranks
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path):
+    """ZeRO-2 over two gloo ranks (each with half the batch, very different token counts) gives both
+    ranks the same weights, and the same loss, gradient norm and weights as one rank on the whole batch."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(ws2_rank_main, args=(2, free_port(), tiny_model, str(tmp_path)), nprocs=2, join=True)
+    finally:
+        remove_shm_buffers()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    assert r0["stats"]["actor/pg_loss"] == r1["stats"]["actor/pg_loss"]
+
+    learner = PolicyLearner(ws2_learner_config(tiny_model), master_port=port)
+    ids, am, rm, advantages, old_shift = ws2_batch()
+    lp, _ = learner.compute_log_probs(ids, am, rm, width=advantages.shape[1])
+    single = learner.update(PolicyBatch(ids, am, rm, lp + old_shift, advantages))
+    for key in ("actor/pg_loss", "actor/loss", "actor/clipfrac", "actor/entropy", "actor/n_tokens"):
+        assert r0["stats"][key] == pytest.approx(single[key], abs=1e-6), key
+    assert r0["stats"]["actor/grad_norm"] == pytest.approx(single["actor/grad_norm"], rel=1e-5)
+    for name, value in learner.engine.module.state_dict().items():
+        torch.testing.assert_close(r0["weights"][name], value, atol=1e-6, rtol=0, msg=name)
+    initial = reference_model(tiny_model).state_dict()
+    assert not torch.equal(r0["weights"]["model.norm.weight"], initial["model.norm.weight"])
