@@ -1,0 +1,177 @@
+"""Thin Ray actor shells.  Each owns one resource and delegates to the pure / engine modules.
+
+The classes are plain Python (tested without Ray); ``hicra_rl.driver`` wraps them with
+``ray.remote(...).options(...)`` so resources and placement are decided in one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import Any
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+class RolloutWorker:
+    """Owns one vLLM engine (``tensor_parallel_size`` devices)."""
+
+    def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, tensor_parallel_size: int,
+                 gpu_memory_utilization: float, kv_cache_gib: float | None, cpu_threads: str | None,
+                 enforce_eager: bool):
+        from hicra_rl.rollout.engine import VLLMRolloutEngine
+
+        self.engine = VLLMRolloutEngine(
+            model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_gib=None if kv_cache_gib is None else max(1, int(kv_cache_gib)),
+            cpu_threads=cpu_threads, enforce_eager=enforce_eager,
+        )
+
+    def ready(self) -> float:
+        return self.engine.startup_seconds
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_tokens: int,
+                 seed: int | None, stop: list[str] | None = None) -> list[dict]:
+        out = self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                   seed=seed, stop=stop)
+        return [dataclasses.asdict(r) for r in out]
+
+    def receive_weights(self, handle) -> dict:
+        return dataclasses.asdict(self.engine.receive_weights(handle))
+
+    def prompt_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        return self.engine.prompt_logprobs(prompt_ids, response_ids)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class LearnerWorker:
+    """One data-parallel rank of the DeepSpeed policy learner.
+
+    Built in two calls so that rank 0 can pick the rendezvous address first:
+    ``address()`` on rank 0, then ``build(...)`` on every rank concurrently.
+    """
+
+    def __init__(self, rank: int, world_size: int, torch_threads: int | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+        _set_threads(torch_threads)
+
+    def address(self) -> tuple[str, int]:
+        host = socket.gethostbyname(socket.gethostname()) if self.world_size > 1 else "127.0.0.1"
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return host, s.getsockname()[1]
+
+    def build(self, learner_cfg: dict, master_addr: str, master_port: int, timeout_s: float) -> bool:
+        from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
+
+        import torch
+
+        local_rank = 0
+        if torch.cuda.is_available():
+            import ray
+
+            ids = ray.get_gpu_ids()
+            local_rank = 0 if ids else 0  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        self.learner = PolicyLearner(LearnerConfig(**learner_cfg), rank=self.rank, world_size=self.world_size,
+                                     master_addr=master_addr, master_port=master_port, local_rank=local_rank,
+                                     timeout_s=timeout_s)
+        return True
+
+    def compute_log_probs(self, input_ids, attention_mask, response_mask, width: int):
+        return self.learner.compute_log_probs(input_ids, attention_mask, response_mask, width)
+
+    def compute_ref_log_probs(self, input_ids, attention_mask, response_mask, width: int):
+        return self.learner.compute_ref_log_probs(input_ids, attention_mask, response_mask, width)
+
+    def update(self, batch: dict) -> dict[str, float]:
+        return self.learner.update(batch)
+
+    def publish_weights(self):
+        """Collective (ZeRO-3 gathers on every rank); rank 0 writes the file and returns its handle."""
+        from hicra_rl.rollout.weight_sync import publish_state_dict
+
+        state = self.learner.full_state_dict()
+        if self.rank != 0:
+            return None
+        return publish_state_dict(state)
+
+    def release_weights(self, handle) -> None:
+        from hicra_rl.rollout.weight_sync import release
+
+        release(handle)
+
+    def save(self, ckpt_root: str, step: int, extra: dict, keep_last: int) -> str:
+        from hicra_rl.learner.checkpoint import save_checkpoint
+
+        return str(save_checkpoint(self.learner, ckpt_root, step, extra=extra, keep_last=keep_last))
+
+    def load(self, ckpt_dir: str) -> dict:
+        from hicra_rl.learner.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.learner, ckpt_dir)
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+
+
+class VerifierWorker:
+    """Scores (response, gold, task) items under a hard per-item time limit (killable processes)."""
+
+    def __init__(self, time_limit_s: float, answer_mode: str, shaping: dict | None):
+        from hicra_rl.rewards.math import RewardShapingConfig
+        from hicra_rl.rewards.pool import TimeBoundedVerifier
+
+        self.verifier = TimeBoundedVerifier(
+            time_limit_s=time_limit_s, num_workers=1, answer_mode=answer_mode,
+            shaping=RewardShapingConfig(**shaping) if shaping else None,
+        ).start()
+
+    def score(self, items: list[tuple[str, Any, str]], n_tokens: list[int], finished: list[bool]) -> list[dict]:
+        return [dataclasses.asdict(r) for r in self.verifier.score_batch(items, n_tokens, finished)]
+
+    def stats(self) -> dict[str, float]:
+        return self.verifier.stats()
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+class MetricsWorker:
+    """Computes each step's metrics (hicra_rl.metrics.step) and writes them: JSONL, wandb, and back to
+    the driver for the console line."""
+
+    def __init__(self, run_dir: str, logging_cfg: dict, config: dict, resume_step: int, rel_ppl_state: dict | None):
+        from hicra_rl.metrics.perplexity import RelativePerplexity
+        from hicra_rl.runlog import MetricsSink
+
+        self.sink = MetricsSink(run_dir, use_wandb=logging_cfg["wandb"], wandb_mode=logging_cfg["wandb_mode"],
+                                project=logging_cfg["project"], run_name=logging_cfg["run_name"], config=config,
+                                resume_step=resume_step)
+        self.rel_ppl = RelativePerplexity()
+        if rel_ppl_state:
+            self.rel_ppl.load_state_dict(rel_ppl_state)
+
+    def log_step(self, step: int, rollout: dict, extra: dict[str, float]) -> dict[str, float]:
+        from hicra_rl.metrics.step import step_metrics
+
+        metrics = step_metrics(rel_ppl=self.rel_ppl, **rollout)
+        metrics.update(extra)
+        self.sink.log(step, metrics)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return self.rel_ppl.state_dict()
+
+    def close(self) -> None:
+        self.sink.close()

@@ -1,0 +1,79 @@
+"""Ray plumbing: connect or start a cluster, reserve resources up front, and turn every wait into
+a bounded wait whose error names the stuck component (nothing hangs)."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class ComponentTimeout(TimeoutError):
+    """A remote component did not answer in time; the message names it and the wait."""
+
+
+def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) or start a local cluster."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "VLLM_",
+                                                                          "HICRA_", "WANDB_", "OMP_"))}}
+    if runtime_env:
+        env.update(runtime_env)
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def bounded_get(refs: Any, timeout_s: float, what: str) -> Any:
+    """ray.get with a deadline; a timeout or a dead actor becomes an error naming ``what``."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ComponentTimeout(f"{what} did not finish within {timeout_s:.0f} s") from None
+    except ray.exceptions.ActorDiedError as err:
+        raise RuntimeError(f"{what}: actor died ({err})") from None
+
+
+@dataclass
+class Reservation:
+    """One placement group holding a bundle per actor, reserved before any actor starts."""
+
+    group: Any
+    names: list[str]
+
+    def strategy(self, name: str) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=self.names.index(name)
+        )
+
+    def release(self) -> None:
+        remove_placement_group(self.group)
+
+
+def reserve(bundles: dict[str, dict[str, float]], timeout_s: float) -> Reservation:
+    """Reserve ``{actor name: {"CPU": x, "GPU": y}}``; error if the cluster cannot satisfy it in time."""
+    names = list(bundles)
+    clean = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles.values()]
+    pg = placement_group(clean, strategy="PACK")
+    start = time.monotonic()
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        need: dict[str, float] = {}
+        for b in clean:
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + v
+        have = ray.cluster_resources()
+        remove_placement_group(pg)
+        short = {k: f"need {v:g}, cluster has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0)}
+        raise ComponentTimeout(
+            f"could not reserve resources for {names} within {time.monotonic() - start:.0f} s: "
+            + (f"{short}" if short else f"need {need}, cluster has {have} (busy with other jobs?)")
+        )
+    return Reservation(pg, names)

@@ -1,0 +1,256 @@
+"""One typed configuration schema for every entry point.
+
+Dataclasses registered with Hydra's ConfigStore (``hicra_schema``); YAML groups in ``conf/`` fill
+them.  ``validate`` runs once at start and fails fast with messages naming the offending key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    # an alias ("smollm2-135m-instruct"), a local HF directory, or a hub name (needs network)
+    path: str = "smollm2-135m-instruct"
+    dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
+    gradient_checkpointing: bool = False
+    max_model_len: int = 1024
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "hicra"
+    advantage_estimator: str = "grpo_mean"  # grpo_mean (paper) | grpo_std | dr_grpo
+    hicra_alpha: float = 0.2                # 0 disables HICRA (GRPO)
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    dual_clip_c: Optional[float] = None
+    loss_agg_mode: str = "token-mean"
+    entropy_coef: float = 0.0               # > 0: the entropy-regularisation baseline
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+
+@dataclass
+class DataConfig:
+    name: str = "arith"
+    # "reasoning_gym" | "gsm8k" | "math500" | "jsonl" | "parquet" | "disk" | "hub"
+    source: str = "reasoning_gym"
+    path: Optional[str] = None
+    task: Optional[str] = "basic_arithmetic"   # reasoning-gym task name
+    task_config: dict = field(default_factory=dict)
+    size: int = 2000                            # procedurally generated items
+    split: str = "train"
+    fields: dict = field(default_factory=dict)  # {"problem": ..., "answer": ..., "id": ...}
+    on_bad_row: str = "error"                   # error | skip (counted and reported)
+    max_prompt_tokens: int = 256
+    system_prompt: Optional[str] = None
+    shuffle: bool = True
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    size: int = 64
+    split: str = "test"
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    prompts_per_step: int = 8
+    group_size: int = 4                 # G responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop: List[str] = field(default_factory=list)  # stop strings (the response ends before them)
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    kv_cache_gib: Optional[float] = 1.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    cpu_threads: Optional[str] = None    # CPU only, e.g. "0-1" (VLLM_CPU_OMP_THREADS_BIND)
+    enforce_eager: bool = True
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    answer_mode: str = "boxed"   # boxed | strict_boxed | gsm8k | boxed_or_last_number
+    overlong_penalty: bool = False
+    overlong_buffer: int = 32          # DAPO's L_cache; must be <= rollout.max_new_tokens
+    overlong_penalty_factor: float = 1.0
+    format_penalty: float = 0.0
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 2
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "constant"
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8
+    ppo_epochs: int = 1
+    mini_batches_per_step: int = 1
+    logprob_chunk_size: int = 1024
+    torch_optimizer: bool = True   # torch AdamW (no DeepSpeed JIT build); False: DeepSpeed's FusedAdam
+
+
+@dataclass
+class StrategicConfig:
+    lexicon: str = "default"  # "default" (shipped) or a path to a lexicon JSON
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local_cpu"
+    device: str = "cpu"                # cpu | cuda
+    address: Optional[str] = None      # existing Ray cluster; None: RAY_ADDRESS or start a local one
+    num_cpus: Optional[int] = None     # logical CPUs for a local Ray (None: all cores)
+    cpus_per_actor: float = 1.0
+    gpus_per_learner: float = 0.0
+    gpus_per_rollout_worker: float = 0.0
+    actor_start_timeout_s: float = 300.0
+    step_timeout_s: float = 1800.0
+    collective_timeout_s: float = 600.0
+    torch_threads: Optional[int] = None
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 4
+    seed: int = 0
+    run_dir: str = "runs/default"
+    save_every: int = 2
+    keep_last: int = 2
+    eval_every: int = 0                # 0: no periodic evaluation
+    eval_samples: int = 4              # k for Pass@k during periodic evaluation
+    eval_temperature: float = 0.6
+    resume: str = "auto"               # auto | never | <checkpoint dir>
+    init_checkpoint: Optional[str] = None  # e.g. the cold-start (SFT) model directory
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"
+    project: str = "hicra-rl"
+    run_name: Optional[str] = None
+    console_every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_data: Optional[EvalDataConfig] = None
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    strategic: StrategicConfig = field(default_factory=StrategicConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="hicra_schema", node=TrainConfig)
+    for group, node in (
+        ("model", ModelConfig), ("algorithm", AlgorithmConfig), ("data", DataConfig),
+        ("cluster", ClusterConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config error at '{key}': {msg}")
+
+
+def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Merge a Hydra DictConfig onto the typed schema (unknown keys fail here) and validate."""
+    if isinstance(cfg, TrainConfig):
+        typed = cfg
+    else:
+        base = OmegaConf.structured(TrainConfig)
+        try:
+            merged = OmegaConf.merge(base, cfg)
+        except Exception as err:  # omegaconf names the key in its message
+            raise ConfigError(f"config error: {err}") from None
+        typed = OmegaConf.to_object(merged)
+    validate(typed)
+    return typed
+
+
+def validate(cfg: TrainConfig) -> None:
+    a, r, l, t, c = cfg.algorithm, cfg.rollout, cfg.learner, cfg.trainer, cfg.cluster
+    _check(a.name in ALGORITHMS, "algorithm.name", f"{a.name!r} is not one of {ALGORITHMS}")
+    _check(0.0 <= a.hicra_alpha < 1.0, "algorithm.hicra_alpha", f"must be in [0, 1), got {a.hicra_alpha}")
+    _check(a.name == "hicra" or a.hicra_alpha == 0.0, "algorithm.hicra_alpha",
+           f"algorithm {a.name!r} must have hicra_alpha 0 (got {a.hicra_alpha}); use algorithm=hicra")
+    _check(a.advantage_estimator in ("grpo_mean", "grpo_std", "dr_grpo"), "algorithm.advantage_estimator",
+           f"unknown estimator {a.advantage_estimator!r}")
+    _check(a.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+           "algorithm.loss_agg_mode", f"unknown mode {a.loss_agg_mode!r}")
+    _check(0 <= a.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {a.clip_ratio_low}")
+    _check(a.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
+    _check(a.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    _check(a.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    _check(r.group_size >= 2, "rollout.group_size",
+           f"group-relative advantages need at least 2 responses per prompt, got {r.group_size}")
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    _check(r.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0 for RL sampling, got {r.temperature}")
+    batch = r.prompts_per_step * r.group_size
+    _check(l.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+    _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0..3, got {l.zero_stage}")
+    _check(batch % (l.num_ranks * l.mini_batches_per_step) == 0, "learner.mini_batches_per_step",
+           f"batch of {batch} responses (prompts_per_step x group_size) does not divide into "
+           f"{l.num_ranks} ranks x {l.mini_batches_per_step} mini-batches")
+    per_rank_mini = batch // (l.num_ranks * l.mini_batches_per_step)
+    _check(l.micro_batch_size >= 1 and per_rank_mini % l.micro_batch_size == 0, "learner.micro_batch_size",
+           f"{per_rank_mini} responses per rank and mini-batch do not divide into micro-batches of "
+           f"{l.micro_batch_size}")
+    _check(r.prompts_per_step % r.num_workers == 0 or r.prompts_per_step >= r.num_workers,
+           "rollout.num_workers", f"{r.num_workers} workers for {r.prompts_per_step} prompts")
+    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown {cfg.model.dtype!r}")
+    _check(c.device in ("cpu", "cuda"), "cluster.device", f"must be cpu or cuda, got {c.device!r}")
+    if c.device == "cpu":
+        _check(cfg.model.dtype == "float32" or cfg.model.dtype == "bfloat16", "model.dtype",
+               "float16 is not supported on CPU")
+    _check(t.total_steps >= 1, "trainer.total_steps", "must be >= 1")
+    _check(t.save_every >= 0 and t.eval_every >= 0, "trainer.save_every", "must be >= 0")
+    _check(t.resume in ("auto", "never") or os.path.isdir(t.resume), "trainer.resume",
+           f"{t.resume!r} is neither auto/never nor an existing checkpoint directory")
+    _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
+    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+    lex = cfg.strategic.lexicon
+    _check(lex == "default" or os.path.isfile(lex), "strategic.lexicon",
+           f"lexicon file {lex!r} does not exist")
+    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(not cfg.reward.overlong_penalty or 0 < cfg.reward.overlong_buffer <= r.max_new_tokens,
+           "reward.overlong_buffer", f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
+    _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+
+
+def as_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+__all__ = ["ConfigError", "TrainConfig", "as_plain_dict", "register_configs", "to_schema", "validate", "MISSING"]
