@@ -18,6 +18,7 @@ Pipeline, deterministic for a given corpus, model and config:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -129,14 +130,20 @@ def cluster_document_frequency(postings: Sequence[Iterable[int]], labels: Sequen
     return {label: len(ids) for label, ids in docs.items()}
 
 
+@functools.lru_cache(maxsize=2)
+def load_sentence_transformer(model: str | None = None):
+    """A CPU sentence-transformer (cached per process); ``None`` = the packaged all-MiniLM-L6-v2."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model or default_model_path()), device="cpu")
+
+
 def embed_ngrams(ngrams: list[str], config: MiningConfig) -> np.ndarray:
     """Unit-norm sentence-transformer embeddings (float64), one row per n-gram."""
     import torch
-    from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(config.seed)
-    model = SentenceTransformer(str(config.model or default_model_path()), device="cpu")
-    emb = model.encode(
+    emb = load_sentence_transformer(config.model).encode(
         ngrams,
         batch_size=config.batch_size,
         show_progress_bar=config.show_progress,
