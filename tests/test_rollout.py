@@ -1,0 +1,198 @@
+"""The vLLM rollout engine on a tiny random SmolLM2-architecture model: sampling, log-probs, weight sync,
+clean shutdown, and start-up from a non-main (spawned) process.  One engine per module (start-up ~30 s)."""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+
+import psutil
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from hicra_rl.models import build_tiny_model
+from hicra_rl.rollout import VLLMRolloutEngine, per_prompt_seeds, weight_sync
+
+pytestmark = pytest.mark.slow
+
+EOS = 2
+PROMPTS = [[1, 9690, 198, 19556, 905], [1, 4093, 198, 33, 34], [1, 9690, 198]]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    eng = VLLMRolloutEngine(tiny_model, dtype="float32", max_model_len=256, seed=0, kv_cache_gib=1, cpu_threads=2)
+    yield eng
+    eng.close()
+
+
+def hf_logprobs(model, prompt: list[int], response: list[int]) -> list[float]:
+    """Reference: log softmax of the HF model's logits at each response position (temperature 1)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    return [lp[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(response)]
+
+
+def _hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_generate_returns_n_samples_per_prompt_grouped_prompt_major(engine):
+    out = engine.generate(PROMPTS, n=4, temperature=1.0, top_p=1.0, max_tokens=12, seed=3)
+    assert [r.group_index for r in out] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [r.sample_index for r in out] == [0, 1, 2, 3] * 3
+    for r in out:
+        assert r.prompt_ids == PROMPTS[r.group_index]
+        assert 1 <= len(r.token_ids) <= 12
+        assert len(r.logprobs) == len(r.token_ids)
+        assert all(math.isfinite(x) and x <= 0.0 for x in r.logprobs)
+        if r.finish_reason == "length":
+            assert len(r.token_ids) == 12
+        else:
+            assert r.finish_reason == "stop" and r.token_ids[-1] == EOS
+        assert r.text == engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    # the 4 samples of a prompt are distinct draws (a near-uniform 49152-way distribution)
+    assert len({tuple(r.token_ids) for r in out[:4]}) == 4
+
+
+def test_same_seed_reproduces_and_each_prompt_gets_its_own_noise(engine):
+    same_prompt_twice = [PROMPTS[0], PROMPTS[0]]
+    a = engine.generate(same_prompt_twice, n=2, max_tokens=6, seed=11)
+    b = engine.generate(same_prompt_twice, n=2, max_tokens=6, seed=11)
+    c = engine.generate(same_prompt_twice, n=2, max_tokens=6, seed=12)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    # vLLM seeds sample i of a request with seed+i, so one shared seed would repeat prompt 0's samples
+    assert a[0].token_ids != a[2].token_ids and a[1].token_ids != a[3].token_ids
+    assert len(set(per_prompt_seeds(11, 1000))) == 1000
+
+
+def test_sampling_logprobs_are_the_models_raw_temperature_1_logprobs(engine, tiny_model):
+    """Sampled at T=0.7, top_p=0.9, the reported log-probs are still log pi(token) of the unmodified model."""
+    model = _hf_model(tiny_model)
+    out = engine.generate(PROMPTS[:2], n=2, temperature=0.7, top_p=0.9, max_tokens=10, seed=5)
+    for r in out:
+        expected = hf_logprobs(model, r.prompt_ids, r.token_ids)
+        assert r.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_stop_string_ends_the_response(engine):
+    free = engine.generate([PROMPTS[1]], n=1, max_tokens=16, seed=21)[0]
+    pieces = [engine.tokenizer.decode(free.token_ids[: i + 1], skip_special_tokens=True) for i in range(16)]
+    # a stop string that first appears once token 6 is out
+    stop = pieces[5][len(pieces[4]):].strip()
+    assert stop and stop not in pieces[4]
+    stopped = engine.generate([PROMPTS[1]], n=1, max_tokens=16, seed=21, stop=[stop])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[:6]
+    assert stop not in stopped.text
+
+
+def test_bad_input_is_rejected_with_the_prompt_index(engine):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1, 2], []], n=1, max_tokens=2)
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        engine.prompt_logprobs([[1, 2], [3]], [[4]])
+
+
+def test_weight_sync_makes_vllm_logprobs_equal_the_learners(engine, tiny_model):
+    """After syncing perturbed weights, vLLM scores a fixed sequence exactly as the HF model does."""
+    model = _hf_model(tiny_model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt, response = PROMPTS[0], [19556, 905, 33, 34, 27, 39, 45, 33, 41, EOS]
+    before = engine.prompt_logprobs([prompt], [response])[0]
+    assert before == pytest.approx(hf_logprobs(model, prompt, response), abs=1e-4)
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.05 * torch.randn_like(p))
+    expected = hf_logprobs(model, prompt, response)
+    stats = engine.update_weights(model.state_dict())
+    after = engine.prompt_logprobs([prompt], [response])[0]
+    assert after == pytest.approx(expected, abs=1e-4)  # fp32 on both sides; measured max diff ~1e-6
+    assert max(abs(a - b) for a, b in zip(after, before)) > 0.1
+
+    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once...
+    assert stats.num_tensors == len(model.state_dict())  # ...but sent as its own tensor
+    assert stats.megabytes == pytest.approx((n_params + 49152 * 64) * 4 / 1e6)
+    assert 0 < stats.write_seconds < stats.seconds
+    assert engine.sync_history[-1] == stats
+    # the file this process published was deleted (other processes may be syncing at the same time)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"{weight_sync.SHM_FILE_PREFIX}{os.getpid()}_")]
+
+    # learner and engine in different processes: publish a handle, load it, release it
+    handle = weight_sync.publish_state_dict(original)
+    assert os.path.exists(handle.path)
+    engine.receive_weights(handle)
+    weight_sync.release(handle)
+    assert not os.path.exists(handle.path)
+    assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="released already"):
+        engine.receive_weights(handle)
+
+
+def test_weight_sync_without_lm_head_still_ties_it(engine, tiny_model):
+    """A state dict without lm_head.weight (tied models may omit it) must still update the output layer."""
+    model = _hf_model(tiny_model)
+    prompt, response = PROMPTS[1], [33, 34, 27, 39]
+    before = engine.prompt_logprobs([prompt], [response])[0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3.0)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    engine.update_weights(state)
+    assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(
+        hf_logprobs(model, prompt, response), abs=1e-4
+    )
+    engine.update_weights(_hf_model(tiny_model).state_dict())
+    assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
+
+
+def _generate_in_child(model_path: str, queue) -> None:
+    with VLLMRolloutEngine(model_path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=1) as eng:
+        out = eng.generate([PROMPTS[2]], n=2, max_tokens=5, seed=4)
+        queue.put([r.token_ids for r in out])
+
+
+def test_engine_starts_in_a_spawned_non_main_process(tiny_model, engine):
+    """As inside a Ray actor: the engine is built in a child process; its results match the parent's."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_generate_in_child, args=(tiny_model, queue))
+    proc.start()
+    try:
+        child_tokens = queue.get(timeout=150)
+    finally:
+        proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert child_tokens == [r.token_ids for r in engine.generate([PROMPTS[2]], n=2, max_tokens=5, seed=4)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def test_close_stops_engine_processes_and_removes_its_shm_files(engine):
+    pids = sorted(engine._engine_pids)
+    shm_files = set(engine._shm_files)
+    assert pids and shm_files and all(f.startswith("/dev/shm/psm_") for f in shm_files)
+    engine.close()
+    engine.close()  # idempotent
+    alive = [_cmdline(pid) for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    # Python's multiprocessing resource tracker (started by vLLM's shared memory) lives as long as we do
+    assert all("resource_tracker" in cmd for cmd in alive), alive
+    assert not [f for f in shm_files if os.path.exists(f)]
