@@ -216,7 +216,17 @@ class PlanningTagger:
 
     def tag(self, token_ids: Sequence[int]) -> np.ndarray:
         """Boolean planning mask, one entry per token id."""
-        return self.tag_batch([token_ids])[0]
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return np.zeros(0, dtype=bool)
+        if ids.min() < 0 or ids.max() >= len(self._token_bytes):
+            self._checked([token_ids])  # raises with the position
+        data = b"".join(map(self._token_bytes.__getitem__, ids.tolist()))
+        lens = self._token_len[ids]
+        ends = np.cumsum(lens)
+        mask = self._mask_from_spans(data, ends - lens, ends)
+        mask &= lens > 0
+        return mask
 
     def tag_batch(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Planning masks for a batch of responses (one pass over all of them)."""
