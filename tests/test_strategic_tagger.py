@@ -166,6 +166,17 @@ def test_tag_text_offsets_hand_computed():
     #         Yes | " i" | "n tot" | "al." | ""
     offsets = [(0, 3), (3, 5), (5, 10), (10, 13), (13, 13)]
     assert tagger.tag_text_offsets(text, offsets).tolist() == [False, True, True, True, False]
+    with pytest.raises(
+        ValueError, match=r"token 1: offsets \(3, 14\) are not a range of a text of length 13"
+    ):
+        tagger.tag_text_offsets(text, [(0, 3), (3, 14)])
+
+
+def test_tagger_accepts_a_lexicon_path(tmp_path):
+    path = Lexicon.from_ngrams(["the total number of"]).save(tmp_path / "lex.json")
+    tagger = PlanningTagger(path, token_bytes=TOY_VOCAB)
+    assert tagger.tag([0, 1, 2, 3, 4]).tolist() == [True, True, True, True, False]
+    assert PlanningTagger(str(path), token_bytes=TOY_VOCAB).matcher.ngrams == {"the total number of"}
 
 
 # ---------------------------------------------------------------- real SmolLM2 tokenizer

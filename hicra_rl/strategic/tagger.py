@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hicra_rl.strategic.lexicon import Lexicon
+from hicra_rl.strategic.lexicon import Lexicon, load_lexicon
 from hicra_rl.strategic.text import BREAK_CHARS, WORD_PATTERN, lower_same_length, normalise_ngram
 
 _RESPONSE_SEPARATOR = b"\n"  # a sentence break: no SG occurrence can cross two responses
@@ -192,6 +193,8 @@ class PlanningTagger:
     ):
         if (tokenizer is None) == (token_bytes is None):
             raise ValueError("PlanningTagger needs exactly one of tokenizer or token_bytes")
+        if isinstance(lexicon, str | os.PathLike):
+            lexicon = load_lexicon(lexicon)
         ngrams = lexicon.ngrams if isinstance(lexicon, Lexicon) else list(lexicon)
         self.matcher = StrategicGramMatcher(ngrams)
         table = list(token_bytes) if token_bytes is not None else token_byte_table(tokenizer)
@@ -247,6 +250,12 @@ class PlanningTagger:
         a tokenizer's ``offset_mapping``): a token is planning when one of its characters lies
         inside an SG occurrence."""
         bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        bad = (bounds[:, 0] < 0) | (bounds[:, 0] > bounds[:, 1]) | (bounds[:, 1] > len(text))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"token {i}: offsets {tuple(bounds[i].tolist())} are not a range of a text of length {len(text)}"
+            )
         covered = np.zeros(len(text) + 1, dtype=np.int64)
         for start, end in self.matcher.spans(text):
             covered[start] += 1
