@@ -117,12 +117,12 @@ def test_log_probs_and_entropy_match_plain_hf(tiny_model, port):
     assert abs(float(ref_ent[0][0]) - math.log(49152)) < 0.5
 
 
-@pytest.mark.parametrize("stage, agg_mode, entropy_coef", [
-    (0, "token-mean", 0.0),
-    (2, "seq-mean-token-mean", 0.01),
-    (3, "token-mean", 0.0),
+@pytest.mark.parametrize("stage, agg_mode, entropy_coef, checkpointing", [
+    (0, "token-mean", 0.0, False),
+    (2, "seq-mean-token-mean", 0.01, False),
+    (3, "token-mean", 0.0, True),
 ])
-def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, entropy_coef):
+def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, entropy_coef, checkpointing):
     """4 sequences, 2 mini-batches (= 2 optimizer steps) of 2 micro-batches each: the learner's
     accumulated loss, gradient norm and AdamW update equal a direct full-mini-batch computation.
 
@@ -132,7 +132,8 @@ def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, e
     lr, eps, wd, clip = 0.1, 1.0, 0.1, 1.0
     learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=stage, lr=lr, eps=eps, weight_decay=wd,
                                           max_grad_norm=clip, micro_batch_size=1, num_mini_batches=2,
-                                          loss=loss_cfg), master_port=port)
+                                          gradient_checkpointing=checkpointing, loss=loss_cfg),
+                            master_port=port)
     prompts, responses = random_rows(1, [3, 7, 2, 5], [6, 2, 9, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     width = 9

@@ -228,7 +228,6 @@ class PolicyLearner:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
-            "seed": cfg.seed,
         }
         if cfg.optimizer == "deepspeed_adamw":
             ds["optimizer"] = {"type": "AdamW", "params": {
