@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# The main job: a supervised cold start (made once, reused after), then HICRA RL on the CPU default.
+COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-arith
 run: install
-	$(BIN)/hicra-train $(ARGS)
+	test -f $(COLD_START)/config.json || $(BIN)/hicra-sft out_dir=$(COLD_START)
+	$(BIN)/hicra-train trainer.init_checkpoint=$(COLD_START) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q --timeout 900 tests $(ARGS)

@@ -61,6 +61,16 @@ def reserve(bundles: dict[str, dict[str, float]], timeout_s: float) -> Reservati
     """Reserve ``{actor name: {"CPU": x, "GPU": y}}``; error if the cluster cannot satisfy it in time."""
     names = list(bundles)
     clean = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles.values()]
+    total: dict[str, float] = {}
+    for b in clean:
+        for k, v in b.items():
+            total[k] = total.get(k, 0.0) + v
+    have = ray.cluster_resources()
+    impossible = {k: (v, have.get(k, 0.0)) for k, v in total.items() if v > have.get(k, 0.0) + 1e-9}
+    if impossible:  # fail at once: waiting cannot help when the whole cluster is too small
+        detail = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in impossible.items())
+        raise ValueError(f"the Ray cluster is too small for {names}: {detail} "
+                         "(lower learner.num_ranks / rollout.num_workers or the per-actor GPUs/CPUs in cluster.*)")
     pg = placement_group(clean, strategy="PACK")
     start = time.monotonic()
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

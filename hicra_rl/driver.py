@@ -20,7 +20,8 @@ import torch
 from hicra_rl.algo import compute_advantages, hicra_advantages
 from hicra_rl.batch import pad_ragged
 from hicra_rl.config import TrainConfig, as_plain_dict
-from hicra_rl.evaluation import evaluate, split_evenly
+from hicra_rl.evaluation import evaluate
+from hicra_rl.fleet import Fleet, start_rollout_workers, start_verifiers
 
 log = logging.getLogger("hicra_rl")
 
@@ -95,7 +96,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         from hicra_rl import cluster
-        from hicra_rl.actors import LearnerWorker, MetricsWorker, RolloutWorker, VerifierWorker
+        from hicra_rl.actors import LearnerWorker, MetricsWorker
         from hicra_rl.data_setup import load_prompts
         from hicra_rl.learner.checkpoint import find_latest_complete
         from hicra_rl.models import resolve_model
@@ -146,22 +147,9 @@ class Trainer:
         threads = cl.torch_threads or os.cpu_count()
         self.learners = [ray.remote(LearnerWorker).options(**opts(f"learner{i}")).remote(i, lc.num_ranks, threads)
                          for i in range(lc.num_ranks)]
-        self.rollouts = [
-            ray.remote(RolloutWorker).options(**opts(f"rollout{i}")).remote(
-                self.model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                seed=cfg.trainer.seed + i, tensor_parallel_size=r.tensor_parallel_size,
-                gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-                cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager)
-            for i in range(r.num_workers)
-        ]
-        shaping = None
-        if cfg.reward.overlong_penalty or cfg.reward.format_penalty:
-            shaping = dict(overlong_penalty=cfg.reward.overlong_penalty, max_response_tokens=r.max_new_tokens,
-                           overlong_buffer_tokens=cfg.reward.overlong_buffer,
-                           overlong_penalty_factor=cfg.reward.overlong_penalty_factor,
-                           format_penalty=cfg.reward.format_penalty)
-        self.verifiers = [ray.remote(VerifierWorker).options(**opts(f"verifier{i}")).remote(
-            cfg.reward.timeout_s, cfg.reward.answer_mode, shaping) for i in range(cfg.reward.num_workers)]
+        self.rollouts = start_rollout_workers(ray, r.num_workers, self.model_path, cfg.model, r, cfg.trainer.seed, opts)
+        self.verifiers = start_verifiers(ray, cfg.reward, r.max_new_tokens, opts)
+        self.fleet = Fleet(self.rollouts, self.verifiers, cl.step_timeout_s, r.top_p, list(r.stop))
 
         timeout = cl.actor_start_timeout_s
         addr, port = cluster.bounded_get(self.learners[0].address.remote(), timeout, "learner rank 0 (address)")
@@ -191,25 +179,6 @@ class Trainer:
 
         return bounded_get(refs, self.cfg.cluster.step_timeout_s, what)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int) -> list[dict]:
-        """Split prompts over the rollout workers; responses come back prompt-major, group index global."""
-        chunks = split_evenly(list(range(len(prompt_ids))), len(self.rollouts))
-        refs = [w.generate.remote([prompt_ids[i] for i in chunk], n, temperature, self.cfg.rollout.top_p,
-                                  max_tokens, seed + j, list(self.cfg.rollout.stop) or None)
-                for j, (w, chunk) in enumerate(zip(self.rollouts, chunks))]
-        out = []
-        for chunk, responses in zip(chunks, self._get(refs, "rollout workers (generate)")):
-            for resp in responses:
-                resp["group_index"] = chunk[resp["group_index"]]
-                out.append(resp)
-        return out
-
-    def score(self, items: list[tuple], n_tokens: list[int], finished: list[bool]) -> list[dict]:
-        chunks = split_evenly(list(range(len(items))), len(self.verifiers))
-        refs = [v.score.remote([items[i] for i in c], [n_tokens[i] for i in c], [finished[i] for i in c])
-                for v, c in zip(self.verifiers, chunks)]
-        return [r for part in self._get(refs, "verifier pool (score)") for r in part]
-
     def _rank_shards(self, n: int) -> list[slice]:
         per = n // len(self.learners)
         return [slice(i * per, (i + 1) * per) for i in range(len(self.learners))]
@@ -235,7 +204,7 @@ class Trainer:
         prompts = [self.prompts[i] for i in idx]
 
         with timer("generate"):
-            responses = self.generate([p.token_ids for p in prompts], r.group_size, r.temperature,
+            responses = self.fleet.generate([p.token_ids for p in prompts], r.group_size, r.temperature,
                                       r.max_new_tokens, rollout_seed(cfg.trainer.seed, step))
         prompt_ids = [prompts[x["group_index"]].token_ids for x in responses]
         response_ids = [x["token_ids"] for x in responses]
@@ -247,7 +216,7 @@ class Trainer:
         with timer("reward"):
             items = [(x["text"], prompts[x["group_index"]].gold_entry or prompts[x["group_index"]].answer,
                       prompts[x["group_index"]].task) for x in responses]
-            results = self.score(items, lengths, [x["finish_reason"] == "stop" for x in responses])
+            results = self.fleet.score(items, lengths, [x["finish_reason"] == "stop" for x in responses])
         rewards = [res["reward"] for res in results]
 
         with timer("tag_and_advantage"):
@@ -327,8 +296,7 @@ class Trainer:
         t0 = time.perf_counter()
         metrics, rows = evaluate(
             self.eval_prompts, self.eval_meta,
-            generate=lambda ids, n, temp, mx, seed: self.generate(ids, n, temp, mx, seed),
-            score=self.score, k=cfg.trainer.eval_samples, temperature=cfg.trainer.eval_temperature,
+            generate=self.fleet.generate, score=self.fleet.score, k=cfg.trainer.eval_samples, temperature=cfg.trainer.eval_temperature,
             max_tokens=cfg.rollout.max_new_tokens, seed=cfg.trainer.seed + 991,
         )
         _write_json_atomic(self.run_dir / f"eval-step{step + 1}.json", {"metrics": metrics, "rows": rows})

@@ -9,12 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from learner_fixtures import build_tiny_llama, free_port, random_rows, remove_shm_buffers
 
 from hicra_rl.learner import checkpoint as ckpt
 from hicra_rl.learner.engine import LearnerConfig, PolicyBatch, PolicyLearner
 from hicra_rl.learner.sequences import build_sequences
-
-from learner_fixtures import build_tiny_llama, free_port, random_rows, remove_shm_buffers
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

@@ -6,11 +6,6 @@ import math
 
 import pytest
 import torch
-
-from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
-from hicra_rl.learner.engine import LearnerConfig, PolicyBatch, PolicyLearner, _lr_lambda
-from hicra_rl.learner.sequences import build_sequences, gather_response, response_layout_mask, response_spans
-
 from learner_fixtures import (
     build_tiny_llama,
     direct_log_probs,
@@ -22,6 +17,10 @@ from learner_fixtures import (
     ws2_learner_config,
     ws2_rank_main,
 )
+
+from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
+from hicra_rl.learner.engine import LearnerConfig, PolicyBatch, PolicyLearner, _lr_lambda
+from hicra_rl.learner.sequences import build_sequences, gather_response, response_layout_mask, response_spans
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

@@ -110,7 +110,7 @@ class PolicyBatch:
     loss_mask: torch.Tensor | None = None      # [B, W]
 
     @classmethod
-    def coerce(cls, batch: "PolicyBatch | Mapping") -> "PolicyBatch":
+    def coerce(cls, batch: PolicyBatch | Mapping) -> PolicyBatch:
         if isinstance(batch, cls):
             return batch
         names = {f.name for f in fields(cls)}
@@ -119,7 +119,7 @@ class PolicyBatch:
             raise ValueError(f"PolicyBatch: unknown fields {sorted(unknown)}; expected {sorted(names)}")
         return cls(**batch)
 
-    def rows(self, index: slice) -> "PolicyBatch":
+    def rows(self, index: slice) -> PolicyBatch:
         return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
                               for f in fields(self)})
 
@@ -149,11 +149,11 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
     import deepspeed
 
-    if torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() != world_size or torch.distributed.get_rank() != rank:
-            raise RuntimeError(
-                f"a process group already exists as rank {torch.distributed.get_rank()}/"
-                f"{torch.distributed.get_world_size()}, asked for {rank}/{world_size}")
+    if torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() != world_size or torch.distributed.get_rank() != rank):
+        raise RuntimeError(
+            f"a process group already exists as rank {torch.distributed.get_rank()}/"
+            f"{torch.distributed.get_world_size()}, asked for {rank}/{world_size}")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s),
                                init_method=f"tcp://{master_addr}:{master_port}",
@@ -369,10 +369,11 @@ class PolicyLearner:
             e = min(n, s + mb)
             logp, ent = self._response_log_probs(engine, mb_batch.input_ids[s:e], mb_batch.attention_mask[s:e],
                                                  starts[s:e], lengths[s:e], mask.shape[1])
-            on_device = lambda t: None if t is None else t[s:e].to(self.device)  # noqa: E731
-            loss, st = ppo_clip_loss(logp, on_device(mb_batch.old_log_probs), on_device(mb_batch.advantages),
-                                     on_device(mask), cfg.loss, entropy=ent,
-                                     ref_log_probs=on_device(mb_batch.ref_log_probs),
+            rows = slice(s, e)
+            loss, st = ppo_clip_loss(logp, self._rows_on_device(mb_batch.old_log_probs, rows),
+                                     self._rows_on_device(mb_batch.advantages, rows),
+                                     self._rows_on_device(mask, rows), cfg.loss, entropy=ent,
+                                     ref_log_probs=self._rows_on_device(mb_batch.ref_log_probs, rows),
                                      token_normalizer=n_tok, seq_normalizer=n_seq)
             engine.set_gradient_accumulation_boundary(e == n)
             # DeepSpeed averages over ranks; the normalisers are global, so undo the average.
@@ -395,6 +396,9 @@ class PolicyLearner:
         out["actor/grad_norm"] = grad_norm
         out["actor/n_tokens"] = n_tok
         return out
+
+    def _rows_on_device(self, t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+        return None if t is None else t[rows].to(self.device)
 
     def _needs_own_grad_norm(self) -> bool:
         # Plain data parallel in fp32 clips with torch's clip_grad_norm_ and does not keep the norm.

@@ -1,0 +1,291 @@
+"""``hicra-sft``: supervised cold start with the same DeepSpeed learner code as RL.
+
+Loss on response tokens only (token-mean NLL), prompts through the chat template, length-bucketed
+batches.  Worked solutions come from a dataset field (GSM8K's human solutions, rewritten to end in
+``\\boxed{}``) or are generated for a procedural task family (``arithmetic``: reasoning-gym
+``basic_arithmetic`` / ``chain_sum`` expressions with + and -, solved step by step with one of two
+strategies, so that strategic diversity is something the model can learn and semantic entropy can see).
+Output: an HF model directory, written atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hicra_rl.config import ConfigError, DataConfig, ModelConfig, _check
+
+log = logging.getLogger("hicra_rl")
+
+_TOKEN = re.compile(r"\s*([+-])\s*|\s*(\d+)\s*")
+
+
+def parse_additive_expression(expression: str) -> list[int]:
+    """``"5 - 33 + 2"`` -> signed terms ``[5, -33, 2]``.  Only non-negative integers joined by + and -
+    (no eval of any text)."""
+    terms, sign, expect_number, pos = [], 1, True, 0
+    expression = expression.strip()
+    while pos < len(expression):
+        m = _TOKEN.match(expression, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"unsupported character at {pos} in expression {expression!r}")
+        op, num = m.group(1), m.group(2)
+        if expect_number:
+            if num is None:
+                raise ValueError(f"expected a number at {pos} in {expression!r}")
+            terms.append(sign * int(num))
+            expect_number = False
+        else:
+            if op is None:
+                raise ValueError(f"expected + or - at {pos} in {expression!r}")
+            sign = 1 if op == "+" else -1
+            expect_number = True
+        pos = m.end()
+    if expect_number or not terms:
+        raise ValueError(f"incomplete expression {expression!r}")
+    return terms
+
+
+def _fmt_step(left: int, term: int) -> str:
+    op = "+" if term >= 0 else "-"
+    return f"{left} {op} {abs(term)} = {left + term}"
+
+
+def arithmetic_worked_solution(expression: str, strategy: str) -> str:
+    """A step-by-step solution ending in ``\\boxed{}``.
+
+    ``left_to_right``: combine the terms one at a time.  ``group_signs``: add up the terms that are
+    added, add up the terms that are subtracted, then subtract once.  Two-term sums are one step.
+    """
+    terms = parse_additive_expression(expression)
+    total = sum(terms)
+    lines = []
+    if len(terms) == 2 or strategy == "left_to_right":
+        lines.append("Let's work from left to right.")
+        acc = terms[0]
+        for t in terms[1:]:
+            lines.append(_fmt_step(acc, t))
+            acc += t
+    elif strategy == "group_signs":
+        plus = [t for t in terms if t >= 0]
+        minus = [-t for t in terms if t < 0]
+        lines.append("We can add the positive terms first and then subtract the rest.")
+        p, m = sum(plus), sum(minus)
+        lines.append(f"Added: {' + '.join(map(str, plus))} = {p}" if len(plus) > 1 else f"Added: {p}")
+        lines.append(f"Subtracted: {' + '.join(map(str, minus))} = {m}" if len(minus) > 1 else f"Subtracted: {m}")
+        lines.append(f"{p} - {m} = {p - m}")
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    assert acc == total if strategy == "left_to_right" or len(terms) == 2 else True
+    lines.append(f"So the final answer is \\boxed{{{total}}}.")
+    return "\n".join(lines)
+
+
+def gsm8k_worked_solution(solution: str) -> str:
+    """GSM8K's human solution without calculator annotations, its ``#### n`` line as ``\\boxed{n}``."""
+    body, _, final = solution.rpartition("####")
+    if not _:
+        raise ValueError("GSM8K solution has no '####' line")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    answer = final.strip().replace(",", "")
+    return f"{body}\nSo the final answer is \\boxed{{{answer}}}."
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solutions: str = "arithmetic"       # arithmetic | gsm8k | a field name holding the solution text
+    out_dir: str = "${oc.env:HOME}/.cache/hicra-rl/cold_start/default"
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    batch_size: int = 16
+    micro_batch_size: int = 8
+    max_steps: int = 60
+    max_minutes: float = 15.0          # stop (and save) when the time budget is spent
+    zero_stage: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bucket_factor: int = 8             # sort by length within windows of bucket_factor * batch_size
+    overwrite: bool = False
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    _check(cfg.solutions in ("arithmetic", "gsm8k") or bool(cfg.solutions), "solutions", "must be set")
+    _check(cfg.batch_size >= 1 and cfg.batch_size % cfg.micro_batch_size == 0, "micro_batch_size",
+           f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size}")
+    _check(cfg.max_steps >= 1, "max_steps", "must be >= 1")
+    _check(cfg.lr > 0, "lr", "must be > 0")
+    _check(cfg.max_minutes > 0, "max_minutes", "must be > 0")
+
+
+def solution_for(row: dict, solutions: str, rng: random.Random) -> str:
+    if solutions == "arithmetic":
+        gold = json.loads(row["gold_entry"]) if row.get("gold_entry") else None
+        expression = (gold or {}).get("metadata", {}).get("expression")
+        if not expression:
+            raise ValueError(f"row {row['id']}: no arithmetic expression in the task metadata (solutions=arithmetic "
+                             "needs reasoning-gym basic_arithmetic or chain_sum with + and - only)")
+        return arithmetic_worked_solution(expression, rng.choice(["left_to_right", "group_signs"]))
+    if solutions == "gsm8k":
+        return gsm8k_worked_solution(row["raw_solution"]) if row.get("raw_solution") else \
+            f"So the final answer is \\boxed{{{row['answer']}}}."
+    if solutions not in row or not isinstance(row[solutions], str) or not row[solutions].strip():
+        raise ValueError(f"row {row.get('id')}: field {solutions!r} (the worked solution) is missing or empty")
+    return row[solutions]
+
+
+def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) per training row."""
+    from hicra_rl.data_setup import load_prompts
+
+    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed)
+    rows = {r["id"]: r for r in problems.rows}
+    if cfg.solutions == "gsm8k":  # the human solution text is the raw answer field
+        from hicra_rl.data.datasets import builtin_spec, load_problems
+
+        raw = [json.loads(line) for line in open(builtin_spec("gsm8k_train", path=cfg.data.path).path, encoding="utf-8")]
+        for i, r in enumerate(problems.rows):
+            rows[r["id"]] = {**r, "raw_solution": raw[i]["answer"] if i < len(raw) else None}
+    rng = random.Random(cfg.seed)
+    examples = []
+    for p in prompt_set.prompts:
+        text = solution_for(rows[p.id], cfg.solutions, rng)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((p.token_ids, ids))
+    return examples
+
+
+def length_bucketed_batches(examples: list, batch_size: int, bucket_factor: int, seed: int) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of ``bucket_factor * batch_size`` (less padding)."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = max(batch_size, batch_size * bucket_factor)
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def nll_step(learner, input_ids, attention_mask, response_mask) -> dict[str, float]:
+    """One optimizer step of token-mean NLL over the response tokens (micro-batched, global counts)."""
+    from hicra_rl.learner.sequences import response_layout_mask, response_spans
+
+    engine = learner.engine
+    starts, lengths = response_spans(response_mask, attention_mask)
+    width = int(lengths.max())
+    mask = response_layout_mask(lengths, width)
+    n_tok = learner._all_reduce_sum([float(mask.sum())])[0]
+    total, mb, n = 0.0, learner.cfg.micro_batch_size, input_ids.shape[0]
+    for s in range(0, n, mb):
+        e = min(n, s + mb)
+        logp, _ = learner._response_log_probs(engine, input_ids[s:e], attention_mask[s:e], starts[s:e],
+                                              lengths[s:e], width)
+        loss = -(logp * mask[s:e].to(logp.device)).sum() / n_tok
+        engine.set_gradient_accumulation_boundary(e == n)
+        engine.backward(loss * learner.world_size, scale_wrt_gas=False)
+        total += float(loss.detach())
+    engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    return {"sft/nll": learner._all_reduce_sum([total])[0], "sft/tokens": n_tok,
+            "sft/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+def run_sft(cfg: SFTConfig) -> str:
+    """Train and write the HF directory ``cfg.out_dir`` (atomically); returns its path."""
+    from transformers import AutoTokenizer
+    from tqdm.auto import tqdm
+
+    from hicra_rl.learner.checkpoint import save_hf_model
+    from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
+    from hicra_rl.learner.sequences import build_sequences
+    from hicra_rl.models import resolve_model
+
+    validate_sft(cfg)
+    out = Path(os.path.expanduser(cfg.out_dir))
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
+    model_path = resolve_model(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = build_examples(cfg, tokenizer)
+    batches = length_bucketed_batches(examples, cfg.batch_size, cfg.bucket_factor, cfg.seed)
+    if not batches:
+        raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    learner = PolicyLearner(LearnerConfig(
+        model_path=model_path, zero_stage=cfg.zero_stage, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+        lr_scheduler="cosine", total_steps=cfg.max_steps, min_lr_ratio=0.1, max_grad_norm=cfg.max_grad_norm,
+        micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
+        dtype={"bfloat16": "bf16"}.get(cfg.model.dtype, "fp32"),
+    ), rank=rank, world_size=world, master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(os.environ.get("MASTER_PORT", 29511)))
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, desc="sft", unit="step", disable=rank != 0)
+    history = []
+    for step in range(cfg.max_steps):
+        batch = batches[step % len(batches)]
+        mine = batch[rank::world]
+        ids, am, rm = build_sequences([examples[i][0] for i in mine], [examples[i][1] for i in mine], pad_id)
+        stats = nll_step(learner, ids, am, rm)
+        history.append(stats)
+        bar.set_postfix(nll=f"{stats['sft/nll']:.3f}")
+        bar.update(1)
+        if (time.perf_counter() - t0) / 60 > cfg.max_minutes:
+            log.warning("sft: time budget of %.1f min spent after %d steps; saving", cfg.max_minutes, step + 1)
+            break
+    bar.close()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_model(learner, tmp)
+    if rank == 0:
+        (tmp / "sft_history.json").write_text(json.dumps(
+            {"steps": len(history), "minutes": (time.perf_counter() - t0) / 60, "history": history}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        print(f"sft: {len(history)} steps in {(time.perf_counter() - t0) / 60:.1f} min, final nll "
+              f"{history[-1]['sft/nll']:.3f}; model in {out}")
+    return str(out)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
+    from hicra_rl.train import CONF_DIR
+
+    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sft")
+    def _main(dcfg) -> None:
+        logging.basicConfig(level=logging.INFO)
+        try:
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig), dcfg))
+            validate_sft(cfg)
+        except (ConfigError, Exception) as err:
+            if isinstance(err, ConfigError) or "config" in type(err).__name__.lower():
+                print(f"hicra-sft: {err}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        run_sft(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
