@@ -189,8 +189,9 @@ class TimeBoundedVerifier:
             MemoryError instead of swapping the machine); None for none.
         start_method: "forkserver" (default: restarts in ~10 ms), "spawn" or "fork".
         spare_worker: keep one started worker in reserve so a timeout costs no start-up.
-        max_inflight_chars: items are pipelined to a worker while their text stays under this many
-            characters (at least one item always goes), so a send never blocks on a full pipe.
+        max_inflight_items, max_inflight_chars: items are pipelined to a worker (hiding the round trip)
+            up to this many items and characters of text (at least one item always goes), so the parent's
+            send never blocks on a full pipe while the worker waits to send its results.
     """
 
     def __init__(
@@ -203,6 +204,7 @@ class TimeBoundedVerifier:
         start_method: str = "forkserver",
         spare_worker: bool = True,
         startup_timeout_s: float = 120.0,
+        max_inflight_items: int = 4,
         max_inflight_chars: int = 16_000,
     ):
         if time_limit_s <= 0:
@@ -217,6 +219,7 @@ class TimeBoundedVerifier:
         self.memory_limit_bytes = memory_limit_mb * 2**20 if memory_limit_mb else None
         self.spare_worker = spare_worker
         self.startup_timeout_s = startup_timeout_s
+        self.max_inflight_items = max_inflight_items
         self.max_inflight_chars = max_inflight_chars
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
@@ -334,7 +337,11 @@ class TimeBoundedVerifier:
             now = time.monotonic()
             for worker in self._workers:
                 while pending and (
-                    not worker.outstanding or worker.outstanding_chars + chars[pending[0]] <= self.max_inflight_chars
+                    not worker.outstanding
+                    or (
+                        len(worker.outstanding) < self.max_inflight_items
+                        and worker.outstanding_chars + chars[pending[0]] <= self.max_inflight_chars
+                    )
                 ):
                     i = pending.popleft()
                     if not worker.outstanding:
@@ -368,6 +375,7 @@ class TimeBoundedVerifier:
                     index = worker.outstanding.popleft()
                     worker.outstanding_chars -= chars[index]
                     seconds = time.monotonic() - worker.current_started
+                    worker.process.join(timeout=1.0)
                     exitcode = worker.process.exitcode
                     raw[index] = (0.0, self._extract(jobs[index]), seconds, False, f"worker died (exit code {exitcode})")
                     self.errors += 1
