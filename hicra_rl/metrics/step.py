@@ -18,6 +18,17 @@ def following_ngram(text: str, end: int, n: int = 3) -> str | None:
     return " ".join(words[:n]) if len(words) >= 1 else None
 
 
+def maximal_occurrences(occurrences: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Drop SG occurrences whose span lies inside another occurrence's span ("the total number" inside
+    "the total number of"), so one strategic move counts once in the SG frequency distribution."""
+    out = []
+    for i, (s, e, ng) in enumerate(occurrences):
+        inside = any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for j, (s2, e2, _) in enumerate(occurrences) if j != i)
+        if not inside:
+            out.append((s, e, ng))
+    return out
+
+
 def step_metrics(
     *,
     rewards: list[float],
@@ -52,6 +63,7 @@ def step_metrics(
     out["response/length_max"] = float(np.max(response_lengths))
     out["response/truncated_frac"] = float(np.mean([r == "length" for r in finish_reasons]))
 
+    sg_occurrences = [maximal_occurrences(occ) for occ in sg_occurrences]
     used = [[ng for _, _, ng in occ] for occ in sg_occurrences]
     out["strategic/semantic_entropy"] = semantic_entropy(used)
     out["strategic/distinct_sgs"] = float(len({ng for u in used for ng in u}))

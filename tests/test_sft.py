@@ -1,0 +1,70 @@
+import random
+
+import pytest
+
+from hicra_rl.sft import (
+    arithmetic_worked_solution,
+    gsm8k_worked_solution,
+    length_bucketed_batches,
+    parse_additive_expression,
+    solution_for,
+)
+from hicra_rl.rewards.math import verify
+
+
+def test_parse_additive_expression():
+    assert parse_additive_expression("5 - 33 - 65") == [5, -33, -65]
+    assert parse_additive_expression("12+7") == [12, 7]
+    for bad in ("5 * 3", "5 -", "", "- 5", "import os"):
+        with pytest.raises(ValueError):
+            parse_additive_expression(bad)
+
+
+def test_worked_solutions_hand_written():
+    assert arithmetic_worked_solution("5 - 33 - 65", "left_to_right") == (
+        "Let's work from left to right.\n5 - 33 = -28\n-28 - 65 = -93\nSo the final answer is \\boxed{-93}."
+    )
+    assert arithmetic_worked_solution("5 - 33 + 65 - 1", "group_signs") == (
+        "We can add the positive terms first and then subtract the rest.\nAdded: 5 + 65 = 70\n"
+        "Subtracted: 33 + 1 = 34\n70 - 34 = 36\nSo the final answer is \\boxed{36}."
+    )
+    # two terms: one step whatever the strategy
+    assert arithmetic_worked_solution("4 - 1", "group_signs").endswith("4 - 1 = 3\nSo the final answer is \\boxed{3}.")
+
+
+def test_worked_solution_is_accepted_by_the_verifier():
+    rng = random.Random(0)
+    for _ in range(50):
+        terms = [rng.randint(0, 99) for _ in range(rng.randint(2, 4))]
+        expr = " ".join([str(terms[0])] + [f"{rng.choice('+-')} {t}" for t in terms[1:]])
+        gold = sum(parse_additive_expression(expr))
+        for strategy in ("left_to_right", "group_signs"):
+            assert verify(arithmetic_worked_solution(expr, strategy), str(gold)), (expr, strategy)
+
+
+def test_gsm8k_worked_solution_real_row():
+    import json
+
+    row = json.loads(open("../shared/data/gsm8k/train.jsonl").readline())
+    text = gsm8k_worked_solution(row["answer"])
+    assert "<<" not in text and "####" not in text
+    assert text.endswith("So the final answer is \\boxed{72}.")  # Natalia's clips: 48 + 24
+    assert verify(text, "72")
+
+
+def test_solution_for_field_and_errors():
+    rng = random.Random(0)
+    assert solution_for({"id": "a", "sol": "x \\boxed{1}"}, "sol", rng) == "x \\boxed{1}"
+    with pytest.raises(ValueError, match="field 'sol'"):
+        solution_for({"id": "a", "sol": ""}, "sol", rng)
+    with pytest.raises(ValueError, match="no arithmetic expression"):
+        solution_for({"id": "a", "gold_entry": ""}, "arithmetic", rng)
+
+
+def test_length_bucketing_covers_and_groups():
+    examples = [([0] * n, [0]) for n in [5, 1, 9, 3, 7, 2, 8, 4]]
+    batches = length_bucketed_batches(examples, batch_size=2, bucket_factor=4, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:  # sorted within windows of 8: neighbours in length
+        lens = sorted(len(examples[i][0]) for i in b)
+        assert lens[1] - lens[0] <= 2
