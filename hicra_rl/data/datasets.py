@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -222,8 +223,9 @@ def _read_source(spec: DatasetSpec) -> tuple[str, list[tuple[int, Any]]]:
     if suffix in (".jsonl", ".json"):
         return str(path), _read_jsonl(path)
     if suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-        return str(path), list(enumerate(ds, start=1))
+        with tempfile.TemporaryDirectory(prefix="hicra-parquet-") as cache_dir:  # leave no cache behind
+            ds = datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir, keep_in_memory=True)
+            return str(path), list(enumerate(ds, start=1))
     raise ValueError(f"dataset {spec.name!r}: {path} is not .jsonl, .json, .parquet or a save_to_disk directory")
 
 
