@@ -21,6 +21,7 @@ def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines drown the step log
     env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "VLLM_",
                                                                           "HICRA_", "WANDB_", "OMP_"))}}
     if runtime_env:

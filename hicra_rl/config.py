@@ -98,7 +98,7 @@ class LearnerConfig:
     warmup_steps: int = 0
     scheduler: str = "constant"
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 8
+    micro_batch_size: int = 4
     ppo_epochs: int = 1
     mini_batches_per_step: int = 1
     logprob_chunk_size: int = 1024

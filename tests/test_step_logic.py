@@ -101,3 +101,40 @@ def test_metrics_sink_truncates_on_resume(tmp_path):
 def test_console_line_handles_missing_and_nan():
     line = console_line(3, {"reward/mean": 0.5, "token_entropy/planning": float("nan")})
     assert line.startswith("step 3: reward 0.500") and "nan" in line
+
+
+def test_metrics_worker_without_ray(tmp_path):
+    from hicra_rl.actors import MetricsWorker
+
+    worker = MetricsWorker(str(tmp_path), {"wandb": False, "wandb_mode": "offline", "project": "p", "run_name": None},
+                           {}, resume_step=0, rel_ppl_state={"baseline": {"all": math.exp(1.0)}})
+    rollout = dict(
+        rewards=[1.0, 0.0], correct=[True, False], group_ids=[0, 0], response_lengths=[1, 1],
+        finish_reasons=["stop", "stop"], sg_occurrences=[[], []], response_texts=["a", "b"],
+        planning_mask=torch.zeros(2, 1, dtype=torch.bool), response_mask=torch.ones(2, 1),
+        token_entropy=torch.ones(2, 1), token_log_probs=torch.full((2, 1), -2.0), pass_k=2,
+    )
+    m = worker.log_step(1, rollout, {"actor/pg_loss": 0.5})
+    # the restored step-0 baseline exp(1) makes relative perplexity exp(2) / exp(1)
+    assert m["relative_perplexity/all"] == pytest.approx(math.e)
+    assert m["actor/pg_loss"] == 0.5 and m["reward/pass@2"] == 1.0
+    worker.close()
+    assert read_metrics(str(tmp_path))[0]["step"] == 1
+
+
+def test_data_setup_errors_name_the_key(tmp_path):
+    from hicra_rl.config import DataConfig
+    from hicra_rl.data_setup import load_problem_set
+
+    with pytest.raises(ValueError, match="data.source 'csv'"):
+        load_problem_set(DataConfig(source="csv"), 0)
+    with pytest.raises(ValueError, match="data.path is required"):
+        load_problem_set(DataConfig(source="file", path=None), 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: field 'problem'"):
+        load_problem_set(DataConfig(name="bad", source="file", path=str(bad)), 0)
+    ok = load_problem_set(DataConfig(name="bad", source="file", path=str(bad), on_bad_row="skip"), 0)
+    assert len(ok) == 1 and ok.n_skipped == 1
+    gsm = load_problem_set(DataConfig(name="gsm8k", source="gsm8k", split="test", size=5), 0)
+    assert len(gsm) == 5 and gsm[0]["answer"] == "18"  # Janet's ducks
