@@ -214,3 +214,25 @@ def test_bad_items_are_rejected_before_any_work(verifier):
     with pytest.raises(ValueError, match=r"item 0 must be \(response, gold, task\)"):
         verifier.score_batch([(r"\boxed{1}", "1")])
     assert verifier.score_batch([]) == []
+
+
+def test_math500_gold_answers_accepted_and_swapped_answers_rejected(verifier):
+    """The bench_verifier check: each gold boxed in a sentence verifies against itself (>= 99%), and
+    against the gold of the next problem with a different answer it fails (>= 99%)."""
+    with open(DATA / "math500" / "test.jsonl", encoding="utf-8") as f:
+        answers = [json.loads(line)["answer"] for line in f if line.strip()]
+    norm = ["".join(a.split()) for a in answers]
+    other = []
+    for i in range(len(answers)):
+        j = (i + 1) % len(answers)
+        while norm[j] == norm[i]:
+            j = (j + 1) % len(answers)
+        other.append(j)
+    responses = [f"Putting it together, so the answer is \\boxed{{{a}}}." for a in answers]
+    accepted = verifier.score_batch([(r, a, "math") for r, a in zip(responses, answers)])
+    rejected = verifier.score_batch([(responses[i], answers[j], "math") for i, j in enumerate(other)])
+    accept_rate = sum(r.correct for r in accepted) / len(answers)
+    reject_rate = sum(not r.correct for r in rejected) / len(answers)
+    assert accept_rate >= 0.99, [a for a, r in zip(answers, accepted) if not r.correct]
+    assert reject_rate >= 0.99, [(answers[i], answers[j]) for (i, j), r in zip(enumerate(other), rejected) if r.correct]
+    assert not any(r.timed_out for r in accepted + rejected)
