@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import datasets  # noqa: E402
-import pytest  # noqa: E402
+import datasets
+import pytest
 
-from hicra_rl.data.datasets import (  # noqa: E402
+from hicra_rl.data.datasets import (
     BadRowError,
     DatasetSpec,
     FieldMap,
@@ -22,8 +22,8 @@ from hicra_rl.data.datasets import (  # noqa: E402
     load_problems,
     reasoning_gym_problems,
 )
-from hicra_rl.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, PromptTooLongError, build_prompts  # noqa: E402
-from hicra_rl.rewards.pool import score_item  # noqa: E402
+from hicra_rl.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, PromptTooLongError, build_prompts
+from hicra_rl.rewards.pool import score_item
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the form "

@@ -161,17 +161,17 @@ def builtin_spec(name: str, path: str | None = None, data_root: str | Path | Non
     root = Path(data_root) if data_root is not None else default_data_root()
     if name in ("gsm8k_train", "gsm8k_test"):
         split = name.split("_")[1]
-        kwargs = dict(path=str(root / "gsm8k" / f"{split}.jsonl"), split=split,
-                      fields=FieldMap(problem="question", answer="answer"), answer_format="gsm8k", task="gsm8k")
+        kwargs = {"path": str(root / "gsm8k" / f"{split}.jsonl"), "split": split,
+                  "fields": FieldMap(problem="question", answer="answer"), "answer_format": "gsm8k", "task": "gsm8k"}
     elif name == "math500":
-        kwargs = dict(path=str(root / "math500" / "test.jsonl"), split="test",
-                      fields=FieldMap(problem="problem", answer="answer", id="unique_id", subject="subject",
-                                      level="level"))
+        kwargs = {"path": str(root / "math500" / "test.jsonl"), "split": "test",
+                  "fields": FieldMap(problem="problem", answer="answer", id="unique_id", subject="subject",
+                                     level="level")}
     elif name == "dapo_math_17k":
-        kwargs = dict(path=None, fields=FieldMap(problem="prompt.0.content", answer="reward_model.ground_truth",
-                                                 id="extra_info.index"), problem_format="dapo")
+        kwargs = {"path": None, "problem_format": "dapo",
+                  "fields": FieldMap(problem="prompt.0.content", answer="reward_model.ground_truth", id="extra_info.index")}
     elif name == "deepscaler":
-        kwargs = dict(path=None, fields=FieldMap(problem="problem", answer="answer"))
+        kwargs = {"path": None, "fields": FieldMap(problem="problem", answer="answer")}
     else:
         raise ValueError(f"unknown built-in dataset {name!r}; known: {BUILTIN_SPECS}")
     if path is not None:

@@ -16,6 +16,7 @@ reference (pickled as module + name), so register importable functions only.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import resource
@@ -24,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
-from typing import Any
+from typing import Any, Self
 
 from hicra_rl.rewards.math import RewardShapingConfig, answers_equivalent, extract_answer, shape_reward
 
@@ -126,7 +127,7 @@ def _worker_main(conn, memory_limit_bytes: int | None) -> None:
             try:
                 score, extracted = fn(response, gold, task, mode)
                 error = None
-            except Exception as exc:  # a verifier bug or MemoryError must not take the batch down
+            except Exception as exc:  # noqa: BLE001 -- a verifier bug or MemoryError must not take the batch down
                 score, extracted, error = 0.0, None, f"{type(exc).__name__}: {exc}"[:500]
             conn.send((index, float(score), extracted, time.perf_counter() - start, error))
     except (KeyboardInterrupt, BrokenPipeError):
@@ -257,18 +258,16 @@ class TimeBoundedVerifier:
         self._workers, self._spare = [], None
         self._closed = True
 
-    def __enter__(self) -> TimeBoundedVerifier:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: best effort
             if not self._closed:
                 self.close()
-        except Exception:
-            pass
 
     def stats(self) -> dict[str, float]:
         return {
@@ -395,11 +394,7 @@ class TimeBoundedVerifier:
 
     def _extract(self, job: tuple) -> str | None:
         """The answer of an item whose verification did not finish (extraction is linear-time)."""
-        try:
-            answer = extract_answer(job[2], self.answer_mode)
-        except Exception:
-            return None
-        return answer
+        return extract_answer(job[2], self.answer_mode)
 
     def _replace(self, worker: _Worker) -> None:
         """Kill ``worker`` and put the spare (or a new worker) in its place; start a new spare."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import reasoning_gym
@@ -40,7 +40,7 @@ class TaskItem:
 
 def task_name(task: str) -> str:
     """``"reasoning_gym:chain_sum"`` or ``"chain_sum"`` -> ``"chain_sum"``, checked against reasoning-gym."""
-    name = task[len(TASK_PREFIX):] if task.startswith(TASK_PREFIX) else task
+    name = task.removeprefix(TASK_PREFIX)
     if name not in DATASETS:
         raise ValueError(f"unknown reasoning-gym task {name!r}; known: {', '.join(sorted(DATASETS))}")
     return name
@@ -56,12 +56,12 @@ def generate_task_items(task: str, size: int, seed: int, config: Mapping[str, An
     for i in range(size):
         entry = dataset[i]
         if not isinstance(entry.get("answer"), str):
-            raise ValueError(f"reasoning-gym task {name!r} item {i} has a non-string answer {entry.get('answer')!r}")
+            raise TypeError(f"reasoning-gym task {name!r} item {i} has a non-string answer {entry.get('answer')!r}")
         items.append(TaskItem(TASK_PREFIX + name, i, entry["question"], entry["answer"], dict(entry["metadata"])))
     return items
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scorer(name: str):
     """A dataset instance used only for its ``score_answer`` (scoring reads the entry, not the instance's items).
     Built with the task's default config; reasoning-gym's scorers depend on the entry only."""
