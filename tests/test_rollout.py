@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -166,6 +167,45 @@ def test_weight_sync_without_lm_head_still_ties_it(engine, tiny_model):
     )
     engine.update_weights(_hf_model(tiny_model).state_dict())
     assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
+
+
+def test_broadcast_transport_over_gloo_matches_the_learner(engine, tiny_model):
+    """Transport "broadcast" (NCCL on GPU) run with gloo: learner rank 0 -> vLLM worker rank 1."""
+    model = _hf_model(tiny_model)
+    prompt, response = PROMPTS[2], [33, 34, 27, 39, 45]
+    before = engine.prompt_logprobs([prompt], [response])[0]
+    sender = weight_sync.BroadcastWeightSender(world_size=2, backend="gloo", timeout_s=120)
+    with ThreadPoolExecutor(1) as pool:
+        connected = pool.submit(sender.connect)
+        assert engine.join_weight_group(*sender.address, 2, rank_offset=1, backend="gloo", timeout_s=120) == [1]
+        connected.result(timeout=120)
+
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        state = model.state_dict()
+        handle = sender.manifest(state)
+        assert handle.transport == "broadcast" and handle.path == ""
+        assert [m[0] for m in handle.manifest] == list(state)
+        sent = pool.submit(sender.send, state)
+        stats = engine.receive_weights(handle)
+        assert sent.result(timeout=120) > 0
+    assert stats.megabytes == pytest.approx(sum(t.numel() for t in state.values()) * 4 / 1e6)
+    after = engine.prompt_logprobs([prompt], [response])[0]
+    assert after == pytest.approx(hf_logprobs(model, prompt, response), abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(after, before)) > 0.1
+    engine.update_weights(_hf_model(tiny_model).state_dict())  # back to the original weights (shm_file)
+    assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
+
+
+def test_broadcast_settings_are_checked():
+    with pytest.raises(ValueError, match="not one of"):
+        weight_sync.BroadcastWeightSender(world_size=2, backend="mpi")
+    with pytest.raises(ValueError, match="at least one vLLM worker"):
+        weight_sync.BroadcastWeightSender(world_size=1)
+    with pytest.raises(RuntimeError, match="connect"):
+        weight_sync.BroadcastWeightSender(world_size=2).send({})
 
 
 def _generate_in_child(model_path: str, queue) -> None:

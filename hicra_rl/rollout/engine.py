@@ -261,9 +261,20 @@ class VLLMRolloutEngine:
         self.sync_history.append(stats)
         return stats
 
+    def join_weight_group(
+        self, host: str, port: int, world_size: int, *, rank_offset: int = 1, backend: str = "gloo",
+        timeout_s: float = 600.0,
+    ) -> list[int]:
+        """Join a ``weight_sync.BroadcastWeightSender``'s group (call while the sender runs ``connect``).
+        Worker ``i`` of this engine becomes rank ``rank_offset + i``; returns those ranks."""
+        return self.llm.collective_rpc(
+            weight_sync._join_worker_group, args=(host, port, world_size, rank_offset, backend, timeout_s)
+        )
+
     def receive_weights(self, handle: weight_sync.WeightHandle) -> weight_sync.SyncStats:
-        """Load weights another process published (``weight_sync.publish_state_dict``); the publisher
-        releases the handle when all engines have loaded it."""
+        """Load weights another process published: a ``weight_sync.publish_state_dict`` file (the publisher
+        releases it once all engines loaded it) or a ``BroadcastWeightSender.manifest`` (the sender must
+        ``send`` at the same time)."""
         stats = weight_sync.load_published(self.llm, handle)
         self.sync_history.append(stats)
         return stats
