@@ -1,0 +1,195 @@
+"""launch/submit.sh against a real Ray head: `ray start --head` (its own ports and temp dir), a 1-step CPU
+training job submitted with `ray job submit --no-wait` (the repo uploaded as the job's working_dir with
+launch/runtime_env.yaml), `ray job status` polled to SUCCEEDED, and the run directory checked.
+
+The head is stopped by killing exactly the processes it started (the `ray start --block` process and its
+descendants, by pid), not with `ray stop`, which would also stop other Ray instances of this user."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+JOB_TIMEOUT_S = 210
+SHM_PREFIXES = ("psm_", "deepspeed_allreduce_buffer_", "hicra_weights_", "hicra-")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def shm_in_use() -> set[str]:
+    """/dev/shm files some live process has open or mapped."""
+    used = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.split()[-1] for line in f if "/dev/shm/" in line)
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    used.add(target)
+        except OSError:
+            continue
+    return used
+
+
+class RayHead:
+    """A `ray start --head --block` on free ports with its own temp dir; `stop` ends its process tree."""
+
+    def __init__(self, temp_dir: str, env: dict[str, str]):
+        (self.gcs_port, self.dash_port, self.client_port, self.agent_port, self.agent_grpc_port,
+         self.env_agent_port, self.metrics_port, self.nm_port, self.om_port) = free_ports(9)
+        self.address = f"http://127.0.0.1:{self.dash_port}"
+        self.log = open(os.path.join(temp_dir, "head.log"), "w")
+        cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats",
+               "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port),
+               "--include-dashboard", "true", "--ray-client-server-port", str(self.client_port),
+               "--dashboard-agent-listen-port", str(self.agent_port),
+               "--dashboard-agent-grpc-port", str(self.agent_grpc_port),
+               "--runtime-env-agent-port", str(self.env_agent_port),
+               "--metrics-export-port", str(self.metrics_port),
+               "--node-manager-port", str(self.nm_port), "--object-manager-port", str(self.om_port),
+               "--temp-dir", temp_dir, "--num-cpus", "8", "--num-gpus", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait_ready(self, env: dict, timeout_s: float = 150) -> float:
+        """Until the job API answers (through the CLI: Ray 2.60 enables token auth, ~/.ray/auth_token)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {self._log_tail()}")
+            if ray_cli("job", "list", "--address", self.address, env=env).returncode == 0:
+                return time.monotonic() - t0
+            time.sleep(2)
+        raise TimeoutError(f"Ray job API at {self.address} not up within {timeout_s} s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-3000:]
+
+    def stop(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = root.children(recursive=True) + [root]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def job_status(job_id: str, address: str, env: dict) -> str:
+    """The CLI prints "Status for job 'id': RUNNING" while it runs, "Job 'id' succeeded|failed|was stopped" after."""
+    out = ray_cli("job", "status", job_id, "--address", address, env=env)
+    text = out.stdout + out.stderr
+    m = re.search(r"Status for job '[^']+': (\w+)", text) or re.search(r"Job '[^']+' (?:was )?(succeeded|failed|stopped)", text)
+    return m.group(1).upper() if m else f"UNKNOWN ({out.returncode}: {text[-500:]})"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from hicra_rl.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0, hidden_size=64, num_heads=2,
+                            num_kv_heads=1, num_layers=2)
+
+
+def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
+    from hicra_rl.learner.checkpoint import find_latest_complete
+    from hicra_rl.runlog import read_metrics
+
+    # a short root: Ray puts Unix sockets under it (108-byte path limit)
+    temp_dir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0",
+           # `ray start --head` enables token auth (Ray 2.60) and writes ~/.ray/auth_token; clients need the mode set
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    run_dir = tmp_path / "run"
+    job_id = f"hicra-launch-test-{os.getpid()}"
+    overrides = [
+        f"model.path={tiny_model}", "model.max_model_len=512", "data.size=32",
+        "rollout.prompts_per_step=2", "rollout.group_size=3", "rollout.max_new_tokens=10", "rollout.stop=[e]",
+        "rollout.kv_cache_gib=1", "reward.overlong_penalty=true", "reward.overlong_buffer=10",
+        "reward.num_workers=1", "learner.lr=1e-3", "learner.micro_batch_size=3", "cluster.num_cpus=8",
+        "cluster.address=auto", "cluster.actor_start_timeout_s=180", "cluster.step_timeout_s=180",
+        "trainer.total_steps=1", "trainer.save_every=1", f"trainer.run_dir={run_dir}", "logging.wandb=false",
+    ]
+    head = RayHead(temp_dir, env)
+    try:
+        head.wait_ready(env)
+        submit_env = {**env, "RAY_ADDRESS": head.address, "RAY_CLI": RAY}
+        t0 = time.monotonic()
+        sub = subprocess.run([str(REPO / "launch" / "submit.sh"), "--no-wait", "--submission-id", job_id, "--",
+                              *overrides], capture_output=True, text=True, env=submit_env, timeout=120)
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        assert job_id in sub.stdout + sub.stderr
+
+        status = "PENDING"
+        while time.monotonic() - t0 < JOB_TIMEOUT_S:
+            status = job_status(job_id, head.address, env)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(5)
+        logs = ray_cli("job", "logs", job_id, "--address", head.address, env=env).stdout
+        assert status == "SUCCEEDED", f"job {job_id} ended {status} after {time.monotonic() - t0:.0f} s:\n{logs[-6000:]}"
+        assert "done: 1 steps this run" in logs, logs[-3000:]
+
+        rows = read_metrics(str(run_dir))
+        assert [r["step"] for r in rows] == [1]
+        assert rows[0]["rollout/generated_tokens"] >= 6  # 2 prompts x 3 responses, at least 1 token each
+        assert find_latest_complete(str(run_dir / "checkpoints")).name == "step-1"
+        assert json.loads((run_dir / "config.json").read_text())["cluster"]["address"] == "auto"
+        listed = ray_cli("job", "list", "--address", head.address, env=env)
+        assert job_id in listed.stdout
+    finally:
+        head.stop()
+        in_use = shm_in_use()
+        for name in set(os.listdir("/dev/shm")) - shm_before if os.path.isdir("/dev/shm") else ():
+            path = f"/dev/shm/{name}"
+            if name.startswith(SHM_PREFIXES) and path not in in_use:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
