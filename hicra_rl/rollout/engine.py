@@ -24,6 +24,7 @@ from typing import Self
 import numpy as np
 import torch
 
+from hicra_rl.batch import RolloutBatch
 from hicra_rl.rollout import weight_sync
 
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
@@ -40,6 +41,23 @@ class SampledResponse:
     logprobs: list[float]      # log-prob of each sampled token (see module docstring for which one)
     finish_reason: str         # "stop" (EOS or stop string) | "length" (hit max_tokens) | "abort"
     text: str
+
+
+def to_rollout_batch(responses: Sequence[SampledResponse], prompt_texts: Sequence[str] | None = None) -> RolloutBatch:
+    """Pack ``generate``'s output into the step's ``RolloutBatch`` (same order; ``group_ids`` = prompt index).
+
+    ``prompt_texts`` (one per prompt, optional) is expanded to one per response."""
+    batch = RolloutBatch(
+        prompt_ids=[list(r.prompt_ids) for r in responses],
+        response_ids=[list(r.token_ids) for r in responses],
+        sampling_logprobs=[list(r.logprobs) for r in responses],
+        finish_reasons=[r.finish_reason for r in responses],
+        group_ids=[r.group_index for r in responses],
+        response_texts=[r.text for r in responses],
+        prompt_texts=[prompt_texts[r.group_index] for r in responses] if prompt_texts is not None else [],
+    )
+    batch.validate()
+    return batch
 
 
 @contextlib.contextmanager
