@@ -189,6 +189,9 @@ def build_tiny_model(
             f"hidden_size={hidden_size} must divide by num_heads={num_heads}, which must divide by "
             f"num_kv_heads={num_kv_heads}"
         )
+    out = Path(out_dir)
+    if out.exists() and not _is_complete_model_dir(out):
+        raise FileExistsError(f"{out} exists and is not a model folder; refusing to overwrite it")
     tokenizer = load_smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -217,9 +220,6 @@ def build_tiny_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    out = Path(out_dir)
     if out.exists():
-        if not _is_complete_model_dir(out):
-            raise FileExistsError(f"{out} exists and is not a model folder; refusing to overwrite it")
         shutil.rmtree(out)
     return str(write_dir_atomically(out, write_into))
