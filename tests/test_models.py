@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,8 +141,16 @@ def test_resolve_model_hub_name_online_is_passed_through(monkeypatch):
 
 
 # ---------------------------------------------------------------- SmolLM2 (dequantise the packaged GGUF)
+@pytest.fixture
+def smollm2_cache(tmp_path):
+    """An empty cache root; the 517 MB model written there is deleted afterwards (pytest keeps tmp dirs)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path / "models", ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_prepare_smollm2_dequantises_once_then_reuses_the_cache(tmp_path, monkeypatch):
+def test_prepare_smollm2_dequantises_once_then_reuses_the_cache(smollm2_cache, monkeypatch):
+    tmp_path = smollm2_cache
     import gguf
     from gguf import GGUFReader
 
