@@ -19,6 +19,7 @@ from hicra_rl.rollout import (
     SampledResponse,
     VLLMRolloutEngine,
     per_prompt_seeds,
+    remove_orphaned_shm,
     to_rollout_batch,
     weight_sync,
 )
@@ -230,6 +231,26 @@ def test_to_rollout_batch_keeps_order_and_expands_prompt_texts():
     bad = SampledResponse(0, 0, [1], [5, 2], [-0.5], "length", "x")
     with pytest.raises(ValueError, match="row 0: 2 response tokens but 1 sampling log-probs"):
         to_rollout_batch([bad])
+
+
+def test_remove_orphaned_shm_deletes_only_old_unmapped_psm_files(tmp_path):
+    import mmap
+    import time
+
+    def make(name: str, age_s: float) -> str:
+        path = tmp_path / name
+        path.write_bytes(b"\0" * 4096)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return str(path)
+
+    orphan = make("psm_orphan", 120)
+    young = make("psm_young", 1)
+    mapped = make("psm_mapped", 120)
+    other = make("deepspeed_buffer", 120)
+    with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        assert remove_orphaned_shm(min_age_s=60, directory=str(tmp_path)) == [orphan]
+    assert sorted(os.listdir(tmp_path)) == ["deepspeed_buffer", "psm_mapped", "psm_young"]
+    assert os.path.exists(young) and os.path.exists(other)
 
 
 def test_broadcast_settings_are_checked():

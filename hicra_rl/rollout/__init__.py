@@ -1,5 +1,11 @@
 """Rollout: the vLLM engine wrapper and the learner -> vLLM weight-sync transport (no Ray here)."""
-from hicra_rl.rollout.engine import SampledResponse, VLLMRolloutEngine, per_prompt_seeds, to_rollout_batch
+from hicra_rl.rollout.engine import (
+    SampledResponse,
+    VLLMRolloutEngine,
+    per_prompt_seeds,
+    remove_orphaned_shm,
+    to_rollout_batch,
+)
 from hicra_rl.rollout.weight_sync import SyncStats, WeightHandle, publish_state_dict, release
 
 __all__ = [
@@ -10,5 +16,6 @@ __all__ = [
     "per_prompt_seeds",
     "publish_state_dict",
     "release",
+    "remove_orphaned_shm",
     "to_rollout_batch",
 ]

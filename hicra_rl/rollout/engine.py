@@ -117,6 +117,32 @@ def _shm_files_of(pids: Sequence[int], prefix: str = "/dev/shm/psm_") -> set[str
     return found
 
 
+def remove_orphaned_shm(min_age_s: float = 60.0, directory: str = "/dev/shm") -> list[str]:
+    """Delete ``psm_*`` shared-memory files that no process maps or holds open and that are older than
+    ``min_age_s``: what vLLM leaves when its processes are killed (e.g. a Ray actor killed without
+    ``close()``; 170-250 MB each).  Returns the deleted paths.  Reads every process's /proc entries, so it
+    sees only processes this user may inspect: run it where that is all of them (a container, CI)."""
+    import psutil
+
+    now = time.time()
+    candidates = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        path = os.path.join(directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            if name.startswith("psm_") and now - os.stat(path).st_mtime >= min_age_s:
+                candidates.append(path)
+    if not candidates:
+        return []
+    in_use = _shm_files_of(psutil.pids(), prefix=os.path.join(directory, "psm_"))
+    removed = []
+    for path in candidates:
+        if path not in in_use:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 class VLLMRolloutEngine:
     """Wraps ``vllm.LLM`` for RL rollouts (one engine, ``tensor_parallel_size`` workers)."""
 
