@@ -78,10 +78,10 @@ def main() -> None:
     print(f"pool: {len(same + other) / (t_accept + t_reject):.0f} items/s, timeouts {timeouts}; "
           f"in-process without time bound: {len(same + other) / t_inproc:.0f} items/s "
           f"(pool/in-process throughput ratio {t_inproc / (t_accept + t_reject):.2f})")
-    for (response, gold, _), r in zip(same, accepted):
+    for (_response, gold, _), r in zip(same, accepted):
         if not r.correct:
             print(f"  not accepted: {gold!r} (timed out: {r.timed_out}, error: {r.error})")
-    for (response, gold, _), r in zip(other, rejected):
+    for (_response, gold, _), r in zip(other, rejected):
         if r.correct:
             print(f"  not rejected: answer {r.extracted!r} vs gold {gold!r}")
 

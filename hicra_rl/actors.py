@@ -72,9 +72,9 @@ class LearnerWorker:
             return host, s.getsockname()[1]
 
     def build(self, learner_cfg: dict, master_addr: str, master_port: int, timeout_s: float) -> bool:
-        from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
-
         import torch
+
+        from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
 
         local_rank = 0
         if torch.cuda.is_available():

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import logging
 
-from hicra_rl.data.datasets import DatasetSpec, FieldMap, ProblemSet, builtin_spec, load_problems, reasoning_gym_problems
+from hicra_rl.data.datasets import (
+    DatasetSpec,
+    FieldMap,
+    ProblemSet,
+    builtin_spec,
+    load_problems,
+    reasoning_gym_problems,
+)
 from hicra_rl.data.prompts import PromptConfig, PromptSet, build_prompts
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hicra_rl.config import ClusterConfig, ConfigError, EvalDataConfig, ModelConfig, RewardConfig, RolloutConfig, _check
+from hicra_rl.config import (
+    ClusterConfig,
+    ConfigError,
+    EvalDataConfig,
+    ModelConfig,
+    RewardConfig,
+    RolloutConfig,
+    _check,
+)
 
 log = logging.getLogger("hicra_rl")
 

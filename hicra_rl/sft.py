@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -20,8 +19,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from hicra_rl.config import ConfigError, DataConfig, ModelConfig, _check
 
@@ -107,11 +104,11 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     solutions: str = "arithmetic"       # arithmetic | gsm8k | a field name holding the solution text
     out_dir: str = "${oc.env:HOME}/.cache/hicra-rl/cold_start/default"
-    lr: float = 1e-4
+    lr: float = 5e-5
     warmup_steps: int = 5
     batch_size: int = 16
     micro_batch_size: int = 8
-    max_steps: int = 60
+    max_steps: int = 30
     max_minutes: float = 15.0          # stop (and save) when the time budget is spent
     zero_stage: int = 0
     max_grad_norm: float = 1.0
@@ -152,7 +149,7 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
     problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed)
     rows = {r["id"]: r for r in problems.rows}
     if cfg.solutions == "gsm8k":  # the human solution text is the raw answer field
-        from hicra_rl.data.datasets import builtin_spec, load_problems
+        from hicra_rl.data.datasets import builtin_spec
 
         raw = [json.loads(line) for line in open(builtin_spec("gsm8k_train", path=cfg.data.path).path, encoding="utf-8")]
         for i, r in enumerate(problems.rows):
@@ -206,8 +203,8 @@ def nll_step(learner, input_ids, attention_mask, response_mask) -> dict[str, flo
 
 def run_sft(cfg: SFTConfig) -> str:
     """Train and write the HF directory ``cfg.out_dir`` (atomically); returns its path."""
-    from transformers import AutoTokenizer
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     from hicra_rl.learner.checkpoint import save_hf_model
     from hicra_rl.learner.engine import LearnerConfig, PolicyLearner

@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from hicra_rl.rewards.math import verify
 from hicra_rl.sft import (
     arithmetic_worked_solution,
     gsm8k_worked_solution,
@@ -9,7 +10,6 @@ from hicra_rl.sft import (
     parse_additive_expression,
     solution_for,
 )
-from hicra_rl.rewards.math import verify
 
 
 def test_parse_additive_expression():
