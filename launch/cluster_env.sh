@@ -3,9 +3,9 @@
 # BEFORE `ray start`, so the raylet and every actor it starts (learner ranks, vLLM engines) inherit it.
 # Edit for your fabric; anything already set in the calling shell wins.
 
-# Ray 2.60 enables token auth on `ray start --head` (token in ~/.ray/auth_token on the head). Every
-# worker node and every machine that submits jobs needs the same token: RAY_AUTH_TOKEN=<token>
-# (print it on the head with `ray get-auth-token`) or the file copied to ~/.ray/auth_token.
+# Ray token auth (launch/README.md): with this mode the head needs a token (start_head.sh makes one in
+# ~/.ray/auth_token), and every worker node and every machine that submits jobs needs the same token:
+# RAY_AUTH_TOKEN=<token> (print it on the head with `ray get-auth-token`) or the file copied.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
 

@@ -17,6 +17,10 @@ RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 gpus=()
 [[ -n ${NUM_GPUS:-} ]] && gpus=(--num-gpus "$NUM_GPUS")
+# with RAY_AUTH_MODE=token a head refuses to start without a token: make one (kept if it exists)
+if [[ ${RAY_AUTH_MODE:-} == token && -z ${RAY_AUTH_TOKEN:-} ]]; then
+  ray get-auth-token --generate > /dev/null
+fi
 
 ray start --head --node-ip-address "$HEAD_IP" --port "$RAY_PORT" \
   --dashboard-host 0.0.0.0 --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats \

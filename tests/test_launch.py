@@ -9,6 +9,7 @@ descendants, by pid), not with `ray stop`, which would also stop other Ray insta
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -76,7 +77,7 @@ class RayHead:
                                      start_new_session=True)
 
     def wait_ready(self, env: dict, timeout_s: float = 150) -> float:
-        """Until the job API answers (through the CLI: Ray 2.60 enables token auth, ~/.ray/auth_token)."""
+        """Until the job API answers (through the CLI, which sends the auth token)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout_s:
             if self.proc.poll() is not None:
@@ -144,8 +145,8 @@ def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="hr-ray-", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0",
-           # `ray start --head` enables token auth (Ray 2.60) and writes ~/.ray/auth_token; clients need the mode set
-           "RAY_AUTH_MODE": "token"}
+           # Ray 2.60 heads use token auth; head, CLI and job share this token (nothing read from ~/.ray)
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     run_dir = tmp_path / "run"
@@ -319,7 +320,8 @@ def test_compose_file_structure():
     assert head["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
     assert head["deploy"]["resources"]["reservations"]["devices"] == [
         {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-    assert "ray start --head --block" in head["command"]
+    assert "ray start --head --block" in " ".join(head["command"])
+    assert "ray get-auth-token --generate" in " ".join(head["command"])  # a token-auth head needs one
     mounts = {v.split(":")[-2] if v.endswith((":ro", ":rw")) else v.split(":")[-1] for v in head["volumes"]}
     assert {"/models", "/data", "/runs", "/wandb", "/root/.ray"} <= mounts
     assert train["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
