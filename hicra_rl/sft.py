@@ -79,8 +79,9 @@ def arithmetic_worked_solution(expression: str, strategy: str) -> str:
         lines.append("We can add the positive terms first and then subtract the rest.")
         p, m = sum(plus), sum(minus)
         lines.append(f"Added: {' + '.join(map(str, plus))} = {p}" if len(plus) > 1 else f"Added: {p}")
-        lines.append(f"Subtracted: {' + '.join(map(str, minus))} = {m}" if len(minus) > 1 else f"Subtracted: {m}")
-        lines.append(f"{p} - {m} = {p - m}")
+        if minus:
+            lines.append(f"Subtracted: {' + '.join(map(str, minus))} = {m}" if len(minus) > 1 else f"Subtracted: {m}")
+            lines.append(f"{p} - {m} = {p - m}")
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     assert acc == total if strategy == "left_to_right" or len(terms) == 2 else True
@@ -113,7 +114,7 @@ class SFTConfig:
     zero_stage: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
-    bucket_factor: int = 8             # sort by length within windows of bucket_factor * batch_size
+    bucket_factor: int = 2             # sort by length within windows of bucket_factor * batch_size
     overwrite: bool = False
 
 

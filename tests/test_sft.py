@@ -28,6 +28,10 @@ def test_worked_solutions_hand_written():
         "We can add the positive terms first and then subtract the rest.\nAdded: 5 + 65 = 70\n"
         "Subtracted: 33 + 1 = 34\n70 - 34 = 36\nSo the final answer is \\boxed{36}."
     )
+    assert arithmetic_worked_solution("6 + 6 + 7", "group_signs") == (
+        "We can add the positive terms first and then subtract the rest.\nAdded: 6 + 6 + 7 = 19\n"
+        "So the final answer is \\boxed{19}."
+    )
     # two terms: one step whatever the strategy
     assert arithmetic_worked_solution("4 - 1", "group_signs").endswith("4 - 1 = 3\nSo the final answer is \\boxed{3}.")
 
