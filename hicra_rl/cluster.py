@@ -2,6 +2,7 @@
 a bounded wait whose error names the stuck component (nothing hangs)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines drown the step log
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "VLLM_",
-                                                                          "HICRA_", "WANDB_", "OMP_"))}}
+    # Inside `ray job submit` the job's runtime env already sets its env vars; repeating one is a merge
+    # conflict for Ray, so forward only the others.  OMP_NUM_THREADS=1 that Ray sets for jobs is not ours.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+    prefixes = ("HF_", "TRANSFORMERS_", "VLLM_", "HICRA_", "WANDB_") + (() if job_env or address else ("OMP_",))
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in job_env}}
     if runtime_env:
         env.update(runtime_env)
     if address:

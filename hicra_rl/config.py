@@ -22,7 +22,7 @@ class ModelConfig:
     path: str = "smollm2-135m-instruct"
     dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
     gradient_checkpointing: bool = False
-    max_model_len: int = 1024
+    max_model_len: int = 2048
 
 
 @dataclass
@@ -189,7 +189,8 @@ def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
     else:
         base = OmegaConf.structured(TrainConfig)
         try:
-            merged = OmegaConf.merge(base, cfg)
+            # merging a plain container makes keys added with '+' (``+rollout.grup_size=4``) unknown too
+            merged = OmegaConf.merge(base, OmegaConf.to_container(cfg, resolve=False))
         except Exception as err:  # omegaconf names the key in its message
             raise ConfigError(f"config error: {err}") from None
         typed = OmegaConf.to_object(merged)
@@ -238,6 +239,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.save_every >= 0 and t.eval_every >= 0, "trainer.save_every", "must be >= 0")
     _check(t.resume in ("auto", "never") or os.path.isdir(t.resume), "trainer.resume",
            f"{t.resume!r} is neither auto/never nor an existing checkpoint directory")
+    _check(cfg.data.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_model_len, "model.max_model_len",
+           f"{cfg.model.max_model_len} is shorter than data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + "
+           f"rollout.max_new_tokens ({r.max_new_tokens})")
+    _check(t.eval_every == 0 or cfg.eval_data is not None, "trainer.eval_every",
+           f"is {t.eval_every} but no eval_data is configured (e.g. +eval_data=arith_test, or eval_every=0)")
     _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
     lex = cfg.strategic.lexicon
