@@ -46,6 +46,11 @@ class RolloutWorker:
     def receive_weights(self, handle) -> dict:
         return dataclasses.asdict(self.engine.receive_weights(handle))
 
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int, backend: str,
+                          timeout_s: float) -> list[int]:
+        return self.engine.join_weight_group(host, port, world_size, rank_offset=rank_offset, backend=backend,
+                                             timeout_s=timeout_s)
+
     def prompt_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self.engine.prompt_logprobs(prompt_ids, response_ids)
 
@@ -63,6 +68,7 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, torch_threads: int | None = None):
         self.rank, self.world_size = rank, world_size
         self.learner = None
+        self._sender, self._pending = None, None
         _set_threads(torch_threads)
 
     def address(self) -> tuple[str, int]:
@@ -97,18 +103,41 @@ class LearnerWorker:
         return self.learner.update(batch)
 
     def publish_weights(self):
-        """Collective (ZeRO-3 gathers on every rank); rank 0 writes the file and returns its handle."""
+        """Collective (ZeRO-3 gathers on every rank).  Rank 0: transport ``shm_file`` writes the file and
+        returns its handle; transport ``broadcast`` keeps the weights for ``send_weights`` and returns the
+        manifest the rollout workers receive by."""
         from hicra_rl.rollout.weight_sync import publish_state_dict
 
         state = self.learner.full_state_dict()
         if self.rank != 0:
             return None
-        return publish_state_dict(state)
+        if self._sender is None:
+            return publish_state_dict(state)
+        self._pending = state
+        return self._sender.manifest(state)
+
+    def open_weight_group(self, world_size: int, backend: str, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: start the rendezvous of a broadcast group with every vLLM worker (transport ``broadcast``,
+        for rollout workers on other nodes); ``connect_weight_group`` then blocks until they all joined."""
+        from hicra_rl.rollout.weight_sync import BroadcastWeightSender
+
+        host = socket.gethostbyname(socket.gethostname())
+        self._sender = BroadcastWeightSender(world_size, host=host, backend=backend, timeout_s=timeout_s)
+        return self._sender.address
+
+    def connect_weight_group(self) -> None:
+        self._sender.connect()
+
+    def send_weights(self) -> float:
+        seconds = self._sender.send(self._pending)
+        self._pending = None
+        return seconds
 
     def release_weights(self, handle) -> None:
         from hicra_rl.rollout.weight_sync import release
 
-        release(handle)
+        if handle.transport == "shm_file":
+            release(handle)
 
     def save(self, ckpt_root: str, step: int, extra: dict, keep_last: int) -> str:
         from hicra_rl.learner.checkpoint import save_checkpoint

@@ -76,6 +76,9 @@ class RolloutConfig:
     kv_cache_gib: Optional[float] = 1.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
     cpu_threads: Optional[str] = None    # CPU only, e.g. "0-1" (VLLM_CPU_OMP_THREADS_BIND)
     enforce_eager: bool = True
+    # shm_file: a safetensors file in /dev/shm (learner rank 0 and all rollout workers on one node);
+    # broadcast: a process group of learner rank 0 and every vLLM worker (NCCL on GPU, gloo on CPU)
+    weight_transport: str = "shm_file"
 
 
 @dataclass
@@ -245,6 +248,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.eval_every == 0 or cfg.eval_data is not None, "trainer.eval_every",
            f"is {t.eval_every} but no eval_data is configured (e.g. +eval_data=arith_test, or eval_every=0)")
     _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
+    _check(r.weight_transport in ("shm_file", "broadcast"), "rollout.weight_transport",
+           f"must be shm_file or broadcast, got {r.weight_transport!r}")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
     lex = cfg.strategic.lexicon
     _check(lex == "default" or os.path.isfile(lex), "strategic.lexicon",

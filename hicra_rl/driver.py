@@ -170,6 +170,8 @@ class Trainer:
         self.metrics = ray.remote(MetricsWorker).options(**opts("metrics")).remote(
             str(self.run_dir), as_plain_dict(cfg)["logging"], as_plain_dict(cfg), self.start_step,
             extra.get("rel_ppl"))
+        if r.weight_transport == "broadcast":
+            self._open_weight_group()
         self.sync_weights()  # vLLM starts from exactly the learner's weights (also after a resume)
         self.setup_seconds = time.perf_counter() - t0
 
@@ -183,13 +185,30 @@ class Trainer:
         per = n // len(self.learners)
         return [slice(i * per, (i + 1) * per) for i in range(len(self.learners))]
 
+    def _open_weight_group(self) -> None:
+        """Transport ``broadcast``: one process group of learner rank 0 and every vLLM worker (NCCL on GPU,
+        gloo on CPU), so rollout workers on other nodes receive the weights over the network."""
+        cfg = self.cfg
+        tp = cfg.rollout.tensor_parallel_size
+        world = 1 + tp * len(self.rollouts)
+        backend = "nccl" if cfg.cluster.device == "cuda" else "gloo"
+        timeout = cfg.cluster.collective_timeout_s
+        host, port = self._get(self.learners[0].open_weight_group.remote(world, backend, timeout),
+                               "learner rank 0 (weight group rendezvous)")
+        refs = [self.learners[0].connect_weight_group.remote()] + [
+            w.join_weight_group.remote(host, port, world, 1 + i * tp, backend, timeout)
+            for i, w in enumerate(self.rollouts)]
+        self._get(refs, f"weight group ({world} members at {host}:{port})")
+
     def sync_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()
         handles = self._get([w.publish_weights.remote() for w in self.learners], "learner ranks (gather weights)")
         handle = handles[0]
         try:
-            stats = self._get([w.receive_weights.remote(handle) for w in self.rollouts],
-                              "rollout workers (weight sync)")
+            receives = [w.receive_weights.remote(handle) for w in self.rollouts]
+            if handle.transport == "broadcast":  # sender and receivers run the collective together
+                self._get(self.learners[0].send_weights.remote(), "learner rank 0 (weight broadcast)")
+            stats = self._get(receives, "rollout workers (weight sync)")
         finally:
             self._get(self.learners[0].release_weights.remote(handle), "learner rank 0 (release weights)")
         return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,

@@ -105,3 +105,20 @@ def test_train_checkpoint_and_resume_match(tiny_model, tmp_path):
     b_final = AutoModelForCausalLM.from_pretrained(find_latest_complete(os.path.join(resumed, "checkpoints")) / "hf").state_dict()
     for name in a_final:
         torch.testing.assert_close(a_final[name], b_final[name], atol=1e-6, rtol=0)
+
+
+def test_two_ranks_zero3_and_broadcast_weight_sync(tiny_model, tmp_path):
+    """Two DeepSpeed ranks as Ray actors (one torch.distributed group, ZeRO-3 gathers for the sync) and the
+    network weight transport (a gloo group of learner rank 0 and the vLLM worker) used across nodes."""
+    from hicra_rl.driver import train
+
+    cfg = _cfg(tiny_model, str(tmp_path / "run"), 1)
+    cfg.learner.num_ranks = 2
+    cfg.learner.zero_stage = 3
+    cfg.rollout.weight_transport = "broadcast"
+    history = train(cfg)
+    row = _rows(cfg.trainer.run_dir)[0]
+    assert len(history) == 1 and row["step"] == 1
+    assert math.isfinite(row["actor/pg_loss"]) and row["sync/megabytes"] > 1.0
+    # vLLM sampled with the weights broadcast at start-up: the learner's log-probs equal vLLM's
+    assert row["rollout/logprob_diff_vllm"] < 1e-3, row["rollout/logprob_diff_vllm"]
