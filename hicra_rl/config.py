@@ -13,6 +13,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo")
+# lexicons shipped in hicra_rl/resources (their metadata records the command that mined them)
+SHIPPED_LEXICONS = {"default": "default_lexicon.json", "gsm8k": "default_lexicon.json", "arith": "arith_lexicon.json"}
+
+
+def lexicon_path(cfg: "TrainConfig") -> str:
+    """The lexicon file a run uses: ``strategic.lexicon`` (``auto`` defers to ``data.lexicon``)."""
+    from importlib import resources
+
+    lex = cfg.data.lexicon if cfg.strategic.lexicon == "auto" else cfg.strategic.lexicon
+    if lex in SHIPPED_LEXICONS:
+        return str(resources.files("hicra_rl").joinpath("resources", SHIPPED_LEXICONS[lex]))
+    return lex
 
 
 @dataclass
@@ -54,6 +66,7 @@ class DataConfig:
     max_prompt_tokens: int = 256
     system_prompt: Optional[str] = None
     shuffle: bool = True
+    lexicon: str = "default"                    # the SG lexicon suited to this data (strategic.lexicon=auto)
 
 
 @dataclass
@@ -110,7 +123,8 @@ class LearnerConfig:
 
 @dataclass
 class StrategicConfig:
-    lexicon: str = "default"  # "default" (shipped) or a path to a lexicon JSON
+    # auto: the data group's `lexicon`; a shipped name (default = GSM8K-mined, arith); or a lexicon JSON path
+    lexicon: str = "auto"
 
 
 @dataclass
@@ -251,9 +265,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(r.weight_transport in ("shm_file", "broadcast"), "rollout.weight_transport",
            f"must be shm_file or broadcast, got {r.weight_transport!r}")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
-    lex = cfg.strategic.lexicon
-    _check(lex == "default" or os.path.isfile(lex), "strategic.lexicon",
-           f"lexicon file {lex!r} does not exist")
+    lex = cfg.data.lexicon if cfg.strategic.lexicon == "auto" else cfg.strategic.lexicon
+    _check(lex in SHIPPED_LEXICONS or os.path.isfile(lex), "strategic.lexicon",
+           f"lexicon file {lex!r} does not exist (shipped lexicons: {', '.join(SHIPPED_LEXICONS)})")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _check(not cfg.reward.overlong_penalty or 0 < cfg.reward.overlong_buffer <= r.max_new_tokens,
            "reward.overlong_buffer", f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")

@@ -19,7 +19,7 @@ import torch
 
 from hicra_rl.algo import compute_advantages, hicra_advantages
 from hicra_rl.batch import pad_ragged
-from hicra_rl.config import TrainConfig, as_plain_dict
+from hicra_rl.config import TrainConfig, as_plain_dict, lexicon_path
 from hicra_rl.evaluation import evaluate
 from hicra_rl.fleet import Fleet, start_rollout_workers, start_verifiers
 
@@ -100,7 +100,7 @@ class Trainer:
         from hicra_rl.data_setup import load_prompts
         from hicra_rl.learner.checkpoint import find_latest_complete
         from hicra_rl.models import resolve_model
-        from hicra_rl.strategic.lexicon import default_lexicon_path, load_lexicon
+        from hicra_rl.strategic.lexicon import load_lexicon
         from hicra_rl.strategic.tagger import PlanningTagger
 
         cfg, t0 = self.cfg, time.perf_counter()
@@ -118,8 +118,7 @@ class Trainer:
         self.model_path = cfg.trainer.init_checkpoint or resolve_model(cfg.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        lex_path = default_lexicon_path() if cfg.strategic.lexicon == "default" else cfg.strategic.lexicon
-        self.tagger = PlanningTagger(load_lexicon(lex_path), self.tokenizer)
+        self.tagger = PlanningTagger(load_lexicon(lexicon_path(cfg)), self.tokenizer)
         self.problems, self.prompt_set = load_prompts(cfg.data, self.tokenizer, cfg.trainer.seed)
         self.prompts = self.prompt_set.prompts
         self.eval_prompts, self.eval_meta = [], []

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from hicra_rl.config import ConfigError, DataConfig, ModelConfig, _check
 
@@ -116,6 +117,7 @@ class SFTConfig:
     seed: int = 0
     bucket_factor: int = 2             # sort by length within windows of bucket_factor * batch_size
     overwrite: bool = False
+    corpus_out: Optional[str] = None   # write the worked solutions as JSONL ({"id", "answer"}) and stop
 
 
 def validate_sft(cfg: SFTConfig) -> None:
@@ -162,6 +164,17 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((p.token_ids, ids))
     return examples
+
+
+def write_corpus(cfg: SFTConfig, tokenizer, path: str) -> int:
+    """The cold start's worked solutions as a JSONL corpus (e.g. for ``hicra-sg mine --corpus``)."""
+    examples = build_examples(cfg, tokenizer)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (_, ids) in enumerate(examples):
+            f.write(json.dumps({"id": i, "answer": tokenizer.decode(ids, skip_special_tokens=True)}) + "\n")
+    os.replace(tmp, path)
+    return len(examples)
 
 
 def length_bucketed_batches(examples: list, batch_size: int, bucket_factor: int, seed: int) -> list[list[int]]:
@@ -213,6 +226,11 @@ def run_sft(cfg: SFTConfig) -> str:
     from hicra_rl.models import resolve_model
 
     validate_sft(cfg)
+    if cfg.corpus_out:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path))
+        n = write_corpus(cfg, tokenizer, cfg.corpus_out)
+        print(f"sft: wrote {n} worked solutions to {cfg.corpus_out}")
+        return cfg.corpus_out
     out = Path(os.path.expanduser(cfg.out_dir))
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
