@@ -265,3 +265,27 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path
         torch.testing.assert_close(r0["weights"][name], value, atol=1e-6, rtol=0, msg=name)
     initial = reference_model(tiny_model).state_dict()
     assert not torch.equal(r0["weights"]["model.norm.weight"], initial["model.norm.weight"])
+
+
+def test_update_moves_log_probs_in_the_direction_of_the_hicra_advantages(tiny_model, port):
+    """One PPO step on GRPO advantages shaped by HICRA: responses with A > 0 become more likely, those
+    with A < 0 less likely (the sign of learning, end to end through DeepSpeed)."""
+    from hicra_rl.algo import compute_advantages, hicra_advantages
+
+    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=2, lr=1e-3, micro_batch_size=2),
+                            master_port=port)
+    prompts, responses = random_rows(11, [3, 3, 4, 2], [6, 5, 6, 4])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    lp, _ = learner.compute_log_probs(ids, am, rm)
+    seq_adv = compute_advantages("grpo_mean", torch.tensor([1.0, 1.0, 0.0, 0.0]), [0, 0, 0, 0])
+    assert seq_adv.tolist() == [0.5, 0.5, -0.5, -0.5]
+    planning = torch.zeros_like(lp, dtype=torch.bool)
+    planning[:, :2] = True
+    mask = response_layout_mask(torch.tensor([len(r) for r in responses]), lp.shape[1])
+    adv = hicra_advantages(seq_adv, planning, 0.2) * mask
+    learner.update({"input_ids": ids, "attention_mask": am, "response_mask": rm, "old_log_probs": lp,
+                    "advantages": adv})
+    after, _ = learner.compute_log_probs(ids, am, rm)
+    change = ((after - lp) * mask).sum(-1) / mask.sum(-1)
+    assert change[0] > 0 and change[1] > 0, change
+    assert change[2] < 0 and change[3] < 0, change
