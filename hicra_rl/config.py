@@ -17,7 +17,7 @@ ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo")
 SHIPPED_LEXICONS = {"default": "default_lexicon.json", "gsm8k": "default_lexicon.json", "arith": "arith_lexicon.json"}
 
 
-def lexicon_path(cfg: "TrainConfig") -> str:
+def lexicon_path(cfg: TrainConfig) -> str:
     """The lexicon file a run uses: ``strategic.lexicon`` (``auto`` defers to ``data.lexicon``)."""
     from importlib import resources
 
@@ -199,20 +199,53 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config error at '{key}': {msg}")
 
 
-def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Merge a Hydra DictConfig onto the typed schema (unknown keys fail here) and validate."""
-    if isinstance(cfg, TrainConfig):
+CONF_DIR = os.environ.get("HICRA_CONF_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def typed_config(schema: type, cfg: DictConfig, validate_fn) -> Any:
+    """Merge a Hydra DictConfig onto a dataclass schema (unknown keys fail, '+key' typos too) and validate."""
+    if isinstance(cfg, schema):
         typed = cfg
     else:
-        base = OmegaConf.structured(TrainConfig)
+        base = OmegaConf.structured(schema)
         try:
             # merging a plain container makes keys added with '+' (``+rollout.grup_size=4``) unknown too
             merged = OmegaConf.merge(base, OmegaConf.to_container(cfg, resolve=False))
         except Exception as err:  # omegaconf names the key in its message
             raise ConfigError(f"config error: {err}") from None
         typed = OmegaConf.to_object(merged)
-    validate(typed)
+    validate_fn(typed)
     return typed
+
+
+def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """The run config of ``hicra-train``: typed and validated."""
+    return typed_config(TrainConfig, cfg, validate)
+
+
+def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) -> None:
+    """Run ``run_fn(typed_cfg)`` as a Hydra app on ``conf/<config_name>.yaml``; config errors exit 2 with
+    one line naming the key."""
+    import logging
+    import sys
+
+    import hydra
+
+    ConfigStore.instance().store(name=f"{config_name}_schema" if config_name != "config" else "hicra_schema",
+                                 node=schema)
+
+    @hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)
+    def _main(dcfg: DictConfig) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            cfg = typed_config(schema, dcfg, validate_fn)
+        except ConfigError as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            sys.exit(2)
+        run_fn(cfg)
+
+    _main()
 
 
 def validate(cfg: TrainConfig) -> None:

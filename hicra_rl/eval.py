@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hicra_rl.config import (
     ClusterConfig,
-    ConfigError,
     EvalDataConfig,
     ModelConfig,
     RewardConfig,
@@ -110,26 +108,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from hicra_rl.config import hydra_entry
 
-    from hicra_rl.train import CONF_DIR
-
-    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
-
-    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="eval")
-    def _main(dcfg) -> None:
-        logging.basicConfig(level=logging.INFO)
-        try:
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), dcfg))
-            validate_eval(cfg)
-        except ConfigError as err:
-            print(f"hicra-eval: {err}", file=sys.stderr)
-            sys.exit(2)
-        run_eval(cfg)
-
-    _main()
+    hydra_entry("hicra-eval", "eval", EvalConfig, validate_eval, run_eval)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hicra_rl.config import ConfigError, DataConfig, ModelConfig, _check
+from hicra_rl.config import DataConfig, ModelConfig, _check
 
 log = logging.getLogger("hicra_rl")
 
@@ -280,27 +279,9 @@ def run_sft(cfg: SFTConfig) -> str:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from hicra_rl.config import hydra_entry
 
-    ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
-    from hicra_rl.train import CONF_DIR
-
-    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sft")
-    def _main(dcfg) -> None:
-        logging.basicConfig(level=logging.INFO)
-        try:
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig), dcfg))
-            validate_sft(cfg)
-        except (ConfigError, Exception) as err:
-            if isinstance(err, ConfigError) or "config" in type(err).__name__.lower():
-                print(f"hicra-sft: {err}", file=sys.stderr)
-                sys.exit(2)
-            raise
-        run_sft(cfg)
-
-    _main()
+    hydra_entry("hicra-sft", "sft", SFTConfig, validate_sft, run_sft)
 
 
 if __name__ == "__main__":
