@@ -251,7 +251,7 @@ def test_ranks_and_mini_batches_that_do_not_divide(hydra_conf):
                    "not divide into 4 ranks x 1 mini-batches", "rollout.prompts_per_step=3",
                    "rollout.group_size=2", "learner.num_ranks=4")
     # 8 x 4 = 32 responses over 2 ranks x 3 mini-batches
-    _raises_naming("learner.mini_batches_per_step", "batch of 32 responses", "learner.num_ranks=2",
+    _raises_naming("learner.mini_batches_per_step", "batch of 32 responses", "rollout.prompts_per_step=8", "learner.num_ranks=2",
                    "learner.mini_batches_per_step=3")
 
 
