@@ -78,16 +78,10 @@ class LearnerWorker:
             return host, s.getsockname()[1]
 
     def build(self, learner_cfg: dict, master_addr: str, master_port: int, timeout_s: float) -> bool:
-        import torch
-
         from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
 
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the rank's device is always cuda:0
         local_rank = 0
-        if torch.cuda.is_available():
-            import ray
-
-            ids = ray.get_gpu_ids()
-            local_rank = 0 if ids else 0  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         self.learner = PolicyLearner(LearnerConfig(**learner_cfg), rank=self.rank, world_size=self.world_size,
                                      master_addr=master_addr, master_port=master_port, local_rank=local_rank,
                                      timeout_s=timeout_s)

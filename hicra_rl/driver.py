@@ -143,7 +143,7 @@ class Trainer:
         self.reservation = cluster.reserve(bundles, cl.actor_start_timeout_s)
         opts = lambda name, **kw: dict(scheduling_strategy=self.reservation.strategy(name),  # noqa: E731
                                        num_cpus=bundles[name].get("CPU", 0), num_gpus=bundles[name].get("GPU", 0), **kw)
-        threads = cl.torch_threads or os.cpu_count()
+        threads = cl.torch_threads or max(1, (os.cpu_count() or 1) // lc.num_ranks)
         self.learners = [ray.remote(LearnerWorker).options(**opts(f"learner{i}")).remote(i, lc.num_ranks, threads)
                          for i in range(lc.num_ranks)]
         self.rollouts = start_rollout_workers(ray, r.num_workers, self.model_path, cfg.model, r, cfg.trainer.seed, opts)
