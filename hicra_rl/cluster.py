@@ -80,15 +80,9 @@ def reserve(bundles: dict[str, dict[str, float]], timeout_s: float) -> Reservati
     start = time.monotonic()
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
-        need: dict[str, float] = {}
-        for b in clean:
-            for k, v in b.items():
-                need[k] = need.get(k, 0.0) + v
-        have = ray.cluster_resources()
         remove_placement_group(pg)
-        short = {k: f"need {v:g}, cluster has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0)}
         raise ComponentTimeout(
             f"could not reserve resources for {names} within {time.monotonic() - start:.0f} s: "
-            + (f"{short}" if short else f"need {need}, cluster has {have} (busy with other jobs?)")
+            f"need {total}, cluster has {ray.cluster_resources()} (busy with other jobs?)"
         )
     return Reservation(pg, names)

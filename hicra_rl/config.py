@@ -278,8 +278,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(l.micro_batch_size >= 1 and per_rank_mini % l.micro_batch_size == 0, "learner.micro_batch_size",
            f"{per_rank_mini} responses per rank and mini-batch do not divide into micro-batches of "
            f"{l.micro_batch_size}")
-    _check(r.prompts_per_step % r.num_workers == 0 or r.prompts_per_step >= r.num_workers,
-           "rollout.num_workers", f"{r.num_workers} workers for {r.prompts_per_step} prompts")
+    _check(r.prompts_per_step >= r.num_workers, "rollout.num_workers",
+           f"{r.num_workers} workers for {r.prompts_per_step} prompts per step: some would sit idle")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown {cfg.model.dtype!r}")
     _check(c.device in ("cpu", "cuda"), "cluster.device", f"must be cpu or cuda, got {c.device!r}")
     if c.device == "cpu":

@@ -21,7 +21,7 @@ from hicra_rl.algo import compute_advantages, hicra_advantages
 from hicra_rl.batch import pad_ragged
 from hicra_rl.config import TrainConfig, as_plain_dict, lexicon_path
 from hicra_rl.evaluation import evaluate
-from hicra_rl.fleet import Fleet, start_rollout_workers, start_verifiers
+from hicra_rl.fleet import Fleet, fleet_bundles, start_rollout_workers, start_verifiers
 
 log = logging.getLogger("hicra_rl")
 
@@ -135,10 +135,7 @@ class Trainer:
         bundles = {}
         for i in range(lc.num_ranks):
             bundles[f"learner{i}"] = {"CPU": cl.cpus_per_actor, "GPU": cl.gpus_per_learner}
-        for i in range(r.num_workers):
-            bundles[f"rollout{i}"] = {"CPU": cl.cpus_per_actor, "GPU": cl.gpus_per_rollout_worker * r.tensor_parallel_size}
-        for i in range(cfg.reward.num_workers):
-            bundles[f"verifier{i}"] = {"CPU": 0.25}
+        bundles.update(fleet_bundles(r, cfg.reward, cl))
         bundles["metrics"] = {"CPU": 0.25}
         self.reservation = cluster.reserve(bundles, cl.actor_start_timeout_s)
         opts = lambda name, **kw: dict(scheduling_strategy=self.reservation.strategy(name),  # noqa: E731
@@ -291,22 +288,20 @@ class Trainer:
             if r.temperature == 1.0 else float("nan"),
             "rollout/generated_tokens": float(sum(lengths)),
         }
-        with timer("metrics"):
-            payload = dict(
-                rewards=rewards, correct=[bool(res["correct"]) for res in results], group_ids=group_ids,
-                response_lengths=lengths, finish_reasons=[x["finish_reason"] for x in responses],
-                sg_occurrences=occurrences, response_texts=[x["text"] for x in responses],
-                planning_mask=planning, response_mask=resp_mask, token_entropy=entropy, token_log_probs=old_lp,
-                pass_k=r.group_size,
-            )
-            extra.update(timer.times)
-            extra["timing/step_s"] = time.perf_counter() - t_step
-            extra["perf/generate_tokens_per_s"] = sum(lengths) / max(timer.times["timing/generate_s"], 1e-9)
-            if self.eval_prompts and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
-                extra.update(self.run_eval(step))
-            metrics = self._get(self.metrics.log_step.remote(step + 1, payload, extra), "metrics actor")
-        self.last_samples = [(prompts[x["group_index"]].text, x["text"], res["reward"])
-                             for x, res in zip(responses[:2], results[:2])]
+        # the metrics actor's own time lands in no row (the row is written by that call); timing/step_s ends here
+        payload = dict(
+            rewards=rewards, correct=[bool(res["correct"]) for res in results], group_ids=group_ids,
+            response_lengths=lengths, finish_reasons=[x["finish_reason"] for x in responses],
+            sg_occurrences=occurrences, response_texts=[x["text"] for x in responses],
+            planning_mask=planning, response_mask=resp_mask, token_entropy=entropy, token_log_probs=old_lp,
+            pass_k=r.group_size,
+        )
+        extra.update(timer.times)
+        extra["timing/step_s"] = time.perf_counter() - t_step
+        extra["perf/generate_tokens_per_s"] = sum(lengths) / max(timer.times["timing/generate_s"], 1e-9)
+        if self.eval_prompts and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
+            extra.update(self.run_eval(step))
+        metrics = self._get(self.metrics.log_step.remote(step + 1, payload, extra), "metrics actor")
         return metrics
 
     def run_eval(self, step: int) -> dict[str, float]:

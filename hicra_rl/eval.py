@@ -54,7 +54,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     from hicra_rl import cluster
     from hicra_rl.data_setup import load_prompts
     from hicra_rl.evaluation import evaluate
-    from hicra_rl.fleet import Fleet, start_rollout_workers, start_verifiers
+    from hicra_rl.fleet import Fleet, fleet_bundles, start_rollout_workers, start_verifiers
     from hicra_rl.models import resolve_model
 
     validate_eval(cfg)
@@ -67,9 +67,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     started = not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     cluster.connect(cfg.cluster.address, cfg.cluster.num_cpus)
     cl, r = cfg.cluster, cfg.rollout
-    bundles = {f"rollout{i}": {"CPU": cl.cpus_per_actor, "GPU": cl.gpus_per_rollout_worker * r.tensor_parallel_size}
-               for i in range(r.num_workers)}
-    bundles.update({f"verifier{i}": {"CPU": 0.25} for i in range(cfg.reward.num_workers)})
+    bundles = fleet_bundles(r, cfg.reward, cl)
     reservation = cluster.reserve(bundles, cl.actor_start_timeout_s)
     opts = lambda name: dict(scheduling_strategy=reservation.strategy(name), num_cpus=bundles[name].get("CPU", 0),  # noqa: E731
                              num_gpus=bundles[name].get("GPU", 0))

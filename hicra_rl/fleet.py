@@ -40,6 +40,14 @@ class Fleet:
         return [r for part in self._get(refs, "verifier pool (score)") for r in part]
 
 
+def fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg) -> dict[str, dict[str, float]]:
+    """Placement-group bundles of the rollout workers and the verifier pool (``cluster.reserve`` input)."""
+    gpus = cluster_cfg.gpus_per_rollout_worker * rollout_cfg.tensor_parallel_size
+    bundles = {f"rollout{i}": {"CPU": cluster_cfg.cpus_per_actor, "GPU": gpus} for i in range(rollout_cfg.num_workers)}
+    bundles.update({f"verifier{i}": {"CPU": 0.25} for i in range(reward_cfg.num_workers)})
+    return bundles
+
+
 def start_rollout_workers(ray, count: int, model_path: str, model_cfg, rollout_cfg, seed: int, options) -> list:
     from hicra_rl.actors import RolloutWorker
 

@@ -137,8 +137,9 @@ def solution_for(row: dict, solutions: str, rng: random.Random) -> str:
                              "needs reasoning-gym basic_arithmetic or chain_sum with + and - only)")
         return arithmetic_worked_solution(expression, rng.choice(["left_to_right", "group_signs"]))
     if solutions == "gsm8k":
-        return gsm8k_worked_solution(row["raw_solution"]) if row.get("raw_solution") else \
-            f"So the final answer is \\boxed{{{row['answer']}}}."
+        if not row.get("raw_solution"):
+            raise ValueError(f"row {row['id']}: no GSM8K solution text found for it (solutions=gsm8k needs GSM8K train)")
+        return gsm8k_worked_solution(row["raw_solution"])
     if solutions not in row or not isinstance(row[solutions], str) or not row[solutions].strip():
         raise ValueError(f"row {row.get('id')}: field {solutions!r} (the worked solution) is missing or empty")
     return row[solutions]
@@ -153,9 +154,11 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
     if cfg.solutions == "gsm8k":  # the human solution text is the raw answer field
         from hicra_rl.data.datasets import builtin_spec
 
-        raw = [json.loads(line) for line in open(builtin_spec("gsm8k_train", path=cfg.data.path).path, encoding="utf-8")]
-        for i, r in enumerate(problems.rows):
-            rows[r["id"]] = {**r, "raw_solution": raw[i]["answer"] if i < len(raw) else None}
+        spec = builtin_spec("gsm8k_train", path=cfg.data.path)
+        with open(spec.path, encoding="utf-8") as f:  # ids are "<name>-<line number>", as the loader makes them
+            raw = {f"{spec.name}-{n}": json.loads(line)["answer"] for n, line in enumerate(f, start=1) if line.strip()}
+        for row_id, r in rows.items():
+            rows[row_id] = {**r, "raw_solution": raw.get(row_id)}
     rng = random.Random(cfg.seed)
     examples = []
     for p in prompt_set.prompts:

@@ -122,3 +122,26 @@ def test_two_ranks_zero3_and_broadcast_weight_sync(tiny_model, tmp_path):
     assert math.isfinite(row["actor/pg_loss"]) and row["sync/megabytes"] > 1.0
     # vLLM sampled with the weights broadcast at start-up: the learner's log-probs equal vLLM's
     assert row["rollout/logprob_diff_vllm"] < 1e-3, row["rollout/logprob_diff_vllm"]
+
+
+def test_hicra_eval_through_rollout_workers(tiny_model, tmp_path):
+    """hicra-eval's run: vLLM rollout worker + verifier pool through Ray, eval.json and eval.md written."""
+    from hicra_rl.eval import EvalConfig, run_eval
+
+    cfg = EvalConfig()
+    cfg.model.path = tiny_model
+    cfg.model.max_model_len = 512
+    cfg.data.task_config = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    cfg.data.size = 3
+    cfg.k = 2
+    cfg.rollout.max_new_tokens = 6
+    cfg.reward.num_workers = 1
+    cfg.cluster.num_cpus = 8
+    cfg.out_dir = str(tmp_path / "eval")
+    metrics = run_eval(cfg)
+    # a random model answers nothing in \boxed{}: both Pass@k are exactly 0, lengths at most 6
+    assert metrics["eval/pass@1"] == 0.0 and metrics["eval/pass@2"] == 0.0 and metrics["eval/n_problems"] == 3.0
+    saved = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert len(saved["rows"]) == 3 and all(len(r["correct"]) == 2 for r in saved["rows"])
+    assert all(0 < n <= 6 for r in saved["rows"] for n in r["lengths"])
+    assert "| eval/pass@1 | 0.0000 |" in (tmp_path / "eval" / "eval.md").read_text()

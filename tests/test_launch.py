@@ -361,7 +361,6 @@ def test_compose_config_parses():
 
 def test_dockerfiles_lint_clean_with_hadolint():
     import shutil
-
     import sys
 
     # the dev extra installs it next to the interpreter (.venv/bin), which need not be on PATH

@@ -72,3 +72,20 @@ def test_length_bucketing_covers_and_groups():
     for b in batches:  # sorted within windows of 8: neighbours in length
         lens = sorted(len(examples[i][0]) for i in b)
         assert lens[1] - lens[0] <= 2
+
+
+def test_gsm8k_examples_pair_each_problem_with_its_own_solution():
+    from omegaconf import OmegaConf
+
+    from hicra_rl.models import load_smollm2_tokenizer
+    from hicra_rl.sft import SFTConfig, build_examples
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig), {
+        "solutions": "gsm8k", "data": {"name": "gsm8k", "source": "gsm8k", "split": "train", "size": 3,
+                                       "max_prompt_tokens": 512}}))
+    tok = load_smollm2_tokenizer()
+    examples = build_examples(cfg, tok)
+    texts = [tok.decode(r, skip_special_tokens=True) for _, r in examples]
+    # GSM8K train rows 1-3: Natalia's clips (72), Weng's babysitting (10), Betty's wallet (5)
+    assert [t.rsplit("\\boxed{", 1)[1] for t in texts] == ["72}.", "10}.", "5}."]
+    assert "Natalia" in tok.decode(examples[0][0]) and "Weng" in tok.decode(examples[1][0])
