@@ -97,7 +97,7 @@ class Trainer:
 
         from hicra_rl import cluster
         from hicra_rl.actors import LearnerWorker, MetricsWorker
-        from hicra_rl.data_setup import load_prompts
+        from hicra_rl.data.setup import load_prompts
         from hicra_rl.learner.checkpoint import find_latest_complete
         from hicra_rl.models import resolve_model
         from hicra_rl.strategic.lexicon import load_lexicon

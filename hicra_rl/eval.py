@@ -52,7 +52,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from hicra_rl import cluster
-    from hicra_rl.data_setup import load_prompts
+    from hicra_rl.data.setup import load_prompts
     from hicra_rl.evaluation import evaluate
     from hicra_rl.fleet import Fleet, fleet_bundles, start_rollout_workers, start_verifiers
     from hicra_rl.models import resolve_model

@@ -147,7 +147,7 @@ def solution_for(row: dict, solutions: str, rng: random.Random) -> str:
 
 def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + EOS) per training row."""
-    from hicra_rl.data_setup import load_prompts
+    from hicra_rl.data.setup import load_prompts
 
     problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed)
     rows = {r["id"]: r for r in problems.rows}

@@ -95,7 +95,7 @@ def test_data_presets_load_a_parquet_file_through_the_real_loader(tmp_path):
     import datasets
 
     from hicra_rl.config import DataConfig
-    from hicra_rl.data_setup import load_problem_set
+    from hicra_rl.data.setup import load_problem_set
 
     wrapper = ("Solve the following math problem step by step. The last line of your response should be of the "
                "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")

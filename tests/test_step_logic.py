@@ -124,7 +124,7 @@ def test_metrics_worker_without_ray(tmp_path):
 
 def test_data_setup_errors_name_the_key(tmp_path):
     from hicra_rl.config import DataConfig
-    from hicra_rl.data_setup import load_problem_set
+    from hicra_rl.data.setup import load_problem_set
 
     with pytest.raises(ValueError, match="data.source 'csv'"):
         load_problem_set(DataConfig(source="csv"), 0)
