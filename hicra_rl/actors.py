@@ -1,7 +1,8 @@
 """Thin Ray actor shells.  Each owns one resource and delegates to the pure / engine modules.
 
-The classes are plain Python (tested without Ray); ``hicra_rl.driver`` wraps them with
-``ray.remote(...).options(...)`` so resources and placement are decided in one place.
+The classes are plain Python (tested without Ray); the fleet session wraps them with
+``ray.remote(...).options(...)`` (``hicra_rl.fleet.FleetSession.start``) so resources and placement are
+decided in one place.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ class RolloutWorker:
         return self.engine.startup_seconds
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_tokens: int,
-                 seed: int | None, stop: list[str] | None = None) -> list[dict]:
-        out = self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                   seed=seed, stop=stop)
-        return [dataclasses.asdict(r) for r in out]
+                 seed: int | None, stop: list[str] | None = None):
+        """A ``RolloutBatch`` (group ids index ``prompt_ids``)."""
+        from hicra_rl.rollout.engine import to_rollout_batch
+
+        return to_rollout_batch(self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=top_p,
+                                                     max_tokens=max_tokens, seed=seed, stop=stop))
 
     def receive_weights(self, handle) -> dict:
         return dataclasses.asdict(self.engine.receive_weights(handle))
@@ -77,14 +80,15 @@ class LearnerWorker:
             s.bind(("", 0))
             return host, s.getsockname()[1]
 
-    def build(self, learner_cfg: dict, master_addr: str, master_port: int, timeout_s: float) -> bool:
-        from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
+    def build(self, learner_cfg, master_addr: str, master_port: int, timeout_s: float, **learner_kwargs) -> bool:
+        """``learner_cfg``: ``hicra_rl.config.LearnerConfig``; ``learner_kwargs``: the rest of
+        ``PolicyLearner``'s arguments (model path, dtype, loss, ...)."""
+        from hicra_rl.learner.engine import PolicyLearner
 
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the rank's device is always cuda:0
-        local_rank = 0
-        self.learner = PolicyLearner(LearnerConfig(**learner_cfg), rank=self.rank, world_size=self.world_size,
-                                     master_addr=master_addr, master_port=master_port, local_rank=local_rank,
-                                     timeout_s=timeout_s)
+        self.learner = PolicyLearner(learner_cfg, rank=self.rank, world_size=self.world_size,
+                                     master_addr=master_addr, master_port=master_port, local_rank=0,
+                                     timeout_s=timeout_s, **learner_kwargs)
         return True
 
     def compute_log_probs(self, input_ids, attention_mask, response_mask, width: int):
@@ -160,8 +164,9 @@ class VerifierWorker:
             shaping=RewardShapingConfig(**shaping) if shaping else None,
         ).start()
 
-    def score(self, items: list[tuple[str, Any, str]], n_tokens: list[int], finished: list[bool]) -> list[dict]:
-        return [dataclasses.asdict(r) for r in self.verifier.score_batch(items, n_tokens, finished)]
+    def score(self, items: list[tuple[str, Any, str]], n_tokens: list[int], finished: list[bool]) -> list:
+        """One ``VerifyResult`` per item."""
+        return self.verifier.score_batch(items, n_tokens, finished)
 
     def stats(self) -> dict[str, float]:
         return self.verifier.stats()
@@ -174,7 +179,8 @@ class MetricsWorker:
     """Computes each step's metrics (hicra_rl.metrics.step) and writes them: JSONL, wandb, and back to
     the driver for the console line."""
 
-    def __init__(self, run_dir: str, logging_cfg: dict, config: dict, resume_step: int, rel_ppl_state: dict | None):
+    def __init__(self, run_dir: str, logging_cfg: dict, config: dict, resume_step: int, rel_ppl_state: dict | None,
+                 gram_clusters: dict[str, int] | None = None):
         from hicra_rl.metrics.perplexity import RelativePerplexity
         from hicra_rl.runlog import MetricsSink
 
@@ -182,13 +188,14 @@ class MetricsWorker:
                                 project=logging_cfg["project"], run_name=logging_cfg["run_name"], config=config,
                                 resume_step=resume_step)
         self.rel_ppl = RelativePerplexity()
+        self.gram_clusters = gram_clusters  # SG -> lexicon cluster: per-strategy usage metrics
         if rel_ppl_state:
             self.rel_ppl.load_state_dict(rel_ppl_state)
 
     def log_step(self, step: int, rollout: dict, extra: dict[str, float]) -> dict[str, float]:
         from hicra_rl.metrics.step import step_metrics
 
-        metrics = step_metrics(rel_ppl=self.rel_ppl, **rollout)
+        metrics = step_metrics(rel_ppl=self.rel_ppl, gram_clusters=self.gram_clusters, **rollout)
         metrics.update(extra)
         self.sink.log(step, metrics)
         return metrics

@@ -1,17 +1,23 @@
-"""The one batch object that carries a step's rollouts through the pipeline (data moves once)."""
+"""The one batch object that carries a step's rollouts through the pipeline (data moves once).
+
+rollout workers fill the sampled fields -> the driver attaches each response's problem (gold, task)
+-> the verifier pool fills ``scores`` -> the tagger fills ``planning_masks`` / ``tagged_texts`` /
+``sg_occurrences`` -> advantages and the learner read it.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 @dataclass
 class RolloutBatch:
-    """B = n_prompts * G responses, grouped by prompt.
+    """B = n_prompts * G responses, grouped by prompt; every list is per response, in one order.
 
-    Lists are per response, in the same order everywhere.  Token-level fields are lists of
-    1-D int / float lists (ragged) until ``to_padded`` makes [B, T] tensors for the learner.
+    Token-level fields are ragged lists until ``pad_ragged`` makes [B, W] tensors for the learner.
     """
 
     prompt_ids: list[list[int]]            # tokenised prompt (chat template applied)
@@ -19,22 +25,32 @@ class RolloutBatch:
     sampling_logprobs: list[list[float]]   # log pi_sampler(token) as reported by vLLM
     finish_reasons: list[str]              # "stop" | "length" | ...
     group_ids: list[int]                   # index of the prompt each response answers
-    response_texts: list[str]
+    response_texts: list[str]              # the sampler's text (what the verifier reads)
     prompt_texts: list[str] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)          # gold answer per response
-    rewards: list[float] = field(default_factory=list)
-    planning_masks: list[list[bool]] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
+    golds: list[Any] = field(default_factory=list)        # gold answer (or task entry) per response
+    tasks: list[str] = field(default_factory=list)        # verifier name per response
+    scores: list[Any] = field(default_factory=list)       # hicra_rl.rewards.pool.VerifyResult per response
+    planning_masks: list[Any] = field(default_factory=list)   # bool per response token
+    tagged_texts: list[str] = field(default_factory=list)     # text decoded from response_ids (tagger's)
+    sg_occurrences: list[list[tuple[int, int, str]]] = field(default_factory=list)  # in tagged_texts
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.response_ids]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.scores]
 
     def validate(self) -> None:
         n = len(self.response_ids)
         for name in ("prompt_ids", "sampling_logprobs", "finish_reasons", "group_ids", "response_texts"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, expected {n}")
-        for name in ("answers", "rewards", "planning_masks"):
+        for name in ("prompt_texts", "golds", "tasks", "scores", "planning_masks", "tagged_texts", "sg_occurrences"):
             value = getattr(self, name)
             if value and len(value) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(value)} rows, expected {n}")
@@ -45,12 +61,38 @@ class RolloutBatch:
             if len(ids) != len(pm):
                 raise ValueError(f"row {i}: {len(ids)} response tokens but planning mask of {len(pm)}")
 
+    @classmethod
+    def concat(cls, parts: Sequence[RolloutBatch], group_offsets: Sequence[int]) -> RolloutBatch:
+        """Join the batches of several rollout workers; part i's group ids are shifted by ``group_offsets[i]``
+        (the index of its first prompt in the step)."""
+        if len(parts) != len(group_offsets):
+            raise ValueError(f"{len(parts)} parts but {len(group_offsets)} group offsets")
+        out = cls([], [], [], [], [], [])
+        for part, offset in zip(parts, group_offsets):
+            for name in ("prompt_ids", "response_ids", "sampling_logprobs", "finish_reasons", "response_texts",
+                         "prompt_texts"):
+                getattr(out, name).extend(getattr(part, name))
+            out.group_ids.extend(g + offset for g in part.group_ids)
+        out.validate()
+        return out
+
+    def attach_problems(self, golds: Sequence[Any], tasks: Sequence[str]) -> None:
+        """Give each response its prompt's gold answer and verifier (``golds``/``tasks`` are per prompt)."""
+        self.golds = [golds[g] for g in self.group_ids]
+        self.tasks = [tasks[g] for g in self.group_ids]
+
 
 def pad_ragged(rows: list[list], pad_value, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
     """Right-pad ragged rows into a [len(rows), width] tensor."""
     width = max((len(r) for r in rows), default=0) if width is None else width
     out = torch.full((len(rows), width), pad_value, dtype=dtype)
     for i, r in enumerate(rows):
-        if r:
+        if len(r):
             out[i, : len(r)] = torch.as_tensor(r[:width], dtype=dtype)
     return out
+
+
+def response_layout_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] 0/1 float mask of the valid columns of the response layout (column j < length)."""
+    cols = torch.arange(width, device=lengths.device)[None, :]
+    return (cols < lengths[:, None]).float()

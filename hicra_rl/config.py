@@ -13,6 +13,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo")
+# the dtypes a run can train in: the learner and vLLM use the same one (float16 has no loss scaling here)
+MODEL_DTYPES = ("float32", "bfloat16")
 # lexicons shipped in hicra_rl/resources (their metadata records the command that mined them)
 SHIPPED_LEXICONS = {"default": "default_lexicon.json", "gsm8k": "default_lexicon.json", "arith": "arith_lexicon.json"}
 
@@ -32,7 +34,7 @@ class ModelConfig:
     name: str = "smollm2_135m"
     # an alias ("smollm2-135m-instruct"), a local HF directory, or a hub name (needs network)
     path: str = "smollm2-135m-instruct"
-    dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
+    dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU; the learner and vLLM both use it
     gradient_checkpointing: bool = False
     max_model_len: int = 2048
 
@@ -66,7 +68,9 @@ class DataConfig:
     max_prompt_tokens: int = 256
     system_prompt: Optional[str] = None
     shuffle: bool = True
-    lexicon: str = "default"                    # the SG lexicon suited to this data (strategic.lexicon=auto)
+    # the SG lexicon suited to this data (strategic.lexicon=auto); the default matches the default data
+    # (conf/data/arith.yaml), so TrainConfig() in code and `hicra-train` tag the same grams
+    lexicon: str = "arith"
 
 
 @dataclass
@@ -107,18 +111,43 @@ class RewardConfig:
 
 @dataclass
 class LearnerConfig:
+    """The DeepSpeed policy learner (one type, used by ``hicra-train`` as ``learner`` and by ``hicra-sft``)."""
+
     num_ranks: int = 1
     zero_stage: int = 2
+    optimizer: str = "torch_adamw"   # torch AdamW (no JIT build) | deepspeed_adamw (DeepSpeed's fused/CPU Adam)
     lr: float = 1e-6
     weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "constant"      # constant | cosine, both after a linear warmup
     warmup_steps: int = 0
-    scheduler: str = "constant"
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 4
+    min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr
+    max_grad_norm: float = 1.0       # <= 0 disables clipping
+    micro_batch_size: int = 4        # sequences per forward/backward on one rank
     ppo_epochs: int = 1
-    mini_batches_per_step: int = 1
+    mini_batches_per_step: int = 1   # optimizer steps per epoch over a step's batch
     logprob_chunk_size: int = 1024
-    torch_optimizer: bool = True   # torch AdamW (no DeepSpeed JIT build); False: DeepSpeed's FusedAdam
+
+
+LEARNER_OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
+LEARNER_SCHEDULERS = ("constant", "cosine")
+
+
+def check_learner_config(l: LearnerConfig, prefix: str = "learner") -> None:
+    """Fail fast on a learner config built in code (the schema's ``validate`` runs the same checks)."""
+    _check(l.num_ranks >= 1, f"{prefix}.num_ranks", "must be >= 1")
+    _check(l.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0..3, got {l.zero_stage}")
+    _check(l.optimizer in LEARNER_OPTIMIZERS, f"{prefix}.optimizer",
+           f"{l.optimizer!r} is not one of {LEARNER_OPTIMIZERS}")
+    _check(l.scheduler in LEARNER_SCHEDULERS, f"{prefix}.scheduler",
+           f"{l.scheduler!r} is not one of {LEARNER_SCHEDULERS}")
+    _check(l.lr > 0, f"{prefix}.lr", f"must be > 0, got {l.lr}")
+    _check(len(l.betas) == 2 and all(0 <= b < 1 for b in l.betas), f"{prefix}.betas",
+           f"must be two numbers in [0, 1), got {list(l.betas)}")
+    for name in ("micro_batch_size", "ppo_epochs", "mini_batches_per_step", "logprob_chunk_size"):
+        _check(getattr(l, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(l, name)}")
+    _check(l.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {l.warmup_steps}")
 
 
 @dataclass
@@ -254,10 +283,15 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 <= a.hicra_alpha < 1.0, "algorithm.hicra_alpha", f"must be in [0, 1), got {a.hicra_alpha}")
     _check(a.name == "hicra" or a.hicra_alpha == 0.0, "algorithm.hicra_alpha",
            f"algorithm {a.name!r} must have hicra_alpha 0 (got {a.hicra_alpha}); use algorithm=hicra")
-    _check(a.advantage_estimator in ("grpo_mean", "grpo_std", "dr_grpo"), "algorithm.advantage_estimator",
-           f"unknown estimator {a.advantage_estimator!r}")
-    _check(a.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-           "algorithm.loss_agg_mode", f"unknown mode {a.loss_agg_mode!r}")
+    from hicra_rl.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+    _check(a.advantage_estimator in ADVANTAGE_ESTIMATORS, "algorithm.advantage_estimator",
+           f"unknown estimator {a.advantage_estimator!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}")
+    _check(a.loss_agg_mode in LOSS_AGGREGATIONS, "algorithm.loss_agg_mode",
+           f"unknown mode {a.loss_agg_mode!r}; registered: {sorted(LOSS_AGGREGATIONS)}")
+    _check(a.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
+           f"unknown estimator {a.kl_estimator!r}; registered: {sorted(KL_ESTIMATORS)}")
+    _check(a.dual_clip_c is None or a.dual_clip_c > 1, "algorithm.dual_clip_c", f"must be > 1, got {a.dual_clip_c}")
     _check(0 <= a.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {a.clip_ratio_low}")
     _check(a.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
     _check(a.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
@@ -269,8 +303,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0 for RL sampling, got {r.temperature}")
     batch = r.prompts_per_step * r.group_size
-    _check(l.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
-    _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0..3, got {l.zero_stage}")
+    check_learner_config(l)
     _check(batch % (l.num_ranks * l.mini_batches_per_step) == 0, "learner.mini_batches_per_step",
            f"batch of {batch} responses (prompts_per_step x group_size) does not divide into "
            f"{l.num_ranks} ranks x {l.mini_batches_per_step} mini-batches")
@@ -280,11 +313,10 @@ def validate(cfg: TrainConfig) -> None:
            f"{l.micro_batch_size}")
     _check(r.prompts_per_step >= r.num_workers, "rollout.num_workers",
            f"{r.num_workers} workers for {r.prompts_per_step} prompts per step: some would sit idle")
-    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown {cfg.model.dtype!r}")
+    _check(cfg.model.dtype in MODEL_DTYPES, "model.dtype",
+           f"{cfg.model.dtype!r} is not one of {MODEL_DTYPES} (vLLM and the learner use the same dtype; float16 "
+           "would need loss scaling the learner does not do: use bfloat16)")
     _check(c.device in ("cpu", "cuda"), "cluster.device", f"must be cpu or cuda, got {c.device!r}")
-    if c.device == "cpu":
-        _check(cfg.model.dtype == "float32" or cfg.model.dtype == "bfloat16", "model.dtype",
-               "float16 is not supported on CPU")
     _check(t.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     _check(t.save_every >= 0 and t.eval_every >= 0, "trainer.save_every", "must be >= 0")
     _check(t.resume in ("auto", "never") or os.path.isdir(t.resume), "trainer.resume",
@@ -305,6 +337,18 @@ def validate(cfg: TrainConfig) -> None:
     _check(not cfg.reward.overlong_penalty or 0 < cfg.reward.overlong_buffer <= r.max_new_tokens,
            "reward.overlong_buffer", f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
     _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+
+
+def policy_loss_config(cfg: TrainConfig):
+    """The learner's loss settings from the ``algorithm`` group; Dr.GRPO's constant normaliser is the
+    generation budget ``rollout.max_new_tokens``."""
+    from hicra_rl.algo.losses import PolicyLossConfig
+
+    a = cfg.algorithm
+    return PolicyLossConfig(clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
+                            dual_clip_c=a.dual_clip_c, agg_mode=a.loss_agg_mode, entropy_coef=a.entropy_coef,
+                            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                            norm_constant=float(cfg.rollout.max_new_tokens))
 
 
 def as_plain_dict(cfg: TrainConfig) -> dict[str, Any]:

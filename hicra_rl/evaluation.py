@@ -1,26 +1,22 @@
-"""Evaluation through the rollout workers: k samples per problem at the paper's T = 0.6, Pass@1
-averaged over k, Pass@k, accuracy by subject / level, mean response length.  Used by periodic
-evaluation in the training loop and by ``hicra-eval``."""
+"""Evaluation: k samples per problem at the paper's T = 0.6, Pass@1 averaged over k, Pass@k, accuracy by
+subject / level, mean response length.  ``evaluate`` is what periodic evaluation in the training loop
+calls; ``hicra-eval`` runs it on a fleet of its own and writes ``eval.json`` and ``eval.md``."""
 from __future__ import annotations
 
+import logging
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hicra_rl.config import ClusterConfig, EvalDataConfig, ModelConfig, RewardConfig, RolloutConfig, _check
+from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 from hicra_rl.metrics.passk import mean_pass_at_k
 
-
-def split_evenly(items: list, n: int) -> list[list]:
-    """Contiguous chunks of nearly equal size (the first ones one longer), never more than len(items)."""
-    n = max(1, min(n, len(items)))
-    q, r = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + q + (1 if i < r else 0)
-        out.append(items[start:end])
-        start = end
-    return out
+log = logging.getLogger("hicra_rl")
 
 
 def summarise(rows: list[dict[str, Any]], k: int, prefix: str = "eval/") -> dict[str, float]:
@@ -43,28 +39,93 @@ def summarise(rows: list[dict[str, Any]], k: int, prefix: str = "eval/") -> dict
     return out
 
 
-def evaluate(prompts: list, problems_meta: list[dict], *, generate, score, k: int, temperature: float,
-             max_tokens: int, seed: int) -> tuple[dict[str, float], list[dict]]:
-    """``generate(prompt_ids, n, temperature, max_tokens, seed) -> list[response dict]`` (prompt-major)
-    and ``score(items, n_tokens, finished) -> list[result dict]`` are the caller's (Ray or local)."""
-    responses = generate([p.token_ids for p in prompts], k, temperature, max_tokens, seed)
-    if len(responses) != len(prompts) * k:
-        raise RuntimeError(f"expected {len(prompts) * k} responses, got {len(responses)}")
-    items = [(r["text"], prompts[i // k].gold_entry or prompts[i // k].answer, prompts[i // k].task)
-             for i, r in enumerate(responses)]
-    results = score(items, [len(r["token_ids"]) for r in responses],
-                    [r["finish_reason"] == "stop" for r in responses])
+def evaluate(prompts: list, problems_meta: list[dict], fleet, *, k: int, temperature: float, max_tokens: int,
+             seed: int) -> tuple[dict[str, float], list[dict]]:
+    """``fleet``: ``generate(prompt_ids, n, temperature, max_tokens, seed) -> RolloutBatch`` and
+    ``score(batch) -> [VerifyResult]`` (``hicra_rl.fleet.Fleet`` or an in-process equivalent)."""
+    batch = fleet.generate([p.token_ids for p in prompts], k, temperature, max_tokens, seed)
+    if len(batch) != len(prompts) * k:
+        raise RuntimeError(f"expected {len(prompts) * k} responses, got {len(batch)}")
+    batch.attach_problems([p.gold_entry or p.answer for p in prompts], [p.task for p in prompts])
+    results = fleet.score(batch)
     rows = []
     for j, p in enumerate(prompts):
         rs = results[j * k:(j + 1) * k]
-        resp = responses[j * k:(j + 1) * k]
         meta = problems_meta[j] if j < len(problems_meta) else {}
         rows.append({
             "id": p.id, "answer": p.answer, "subject": meta.get("subject"), "level": meta.get("level"),
-            "correct": [bool(x["correct"]) for x in rs],
-            "extracted": [x["extracted"] for x in rs],
-            "answered": [x["extracted"] is not None for x in rs],
-            "lengths": [len(x["token_ids"]) for x in resp],
-            "responses": [x["text"] for x in resp],
+            "correct": [bool(x.correct) for x in rs],
+            "extracted": [x.extracted for x in rs],
+            "answered": [x.extracted is not None for x in rs],
+            "lengths": batch.lengths[j * k:(j + 1) * k],
+            "responses": batch.response_texts[j * k:(j + 1) * k],
         })
     return summarise(rows, k), rows
+
+
+# ---------------------------------------------------------------------------- hicra-eval
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    k: int = 4
+    temperature: float = 0.6
+    seed: int = 0
+    out_dir: str = "runs/eval"
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    _check(cfg.k >= 1, "k", f"must be >= 1, got {cfg.k}")
+    _check(cfg.temperature >= 0, "temperature", "must be >= 0")
+    _check(cfg.rollout.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+
+
+def markdown_table(metrics: dict[str, float], model: str, data: str, k: int, temperature: float) -> str:
+    lines = [f"# Evaluation: {model} on {data} (k={k}, T={temperature})", "", "| metric | value |", "| --- | --- |"]
+    for key, value in metrics.items():
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from hicra_rl.data.setup import load_prompts
+    from hicra_rl.fleet import FleetSession
+    from hicra_rl.models import resolve_model
+
+    validate_eval(cfg)
+    t0 = time.perf_counter()
+    model_path = resolve_model(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed, role="eval")
+    meta = {r["id"]: r for r in problems.rows}
+    prompts = prompt_set.prompts
+    with FleetSession(model_path=model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
+                      cluster_cfg=cfg.cluster, seed=cfg.seed) as session:
+        session.wait_ready()
+        metrics, rows = evaluate(prompts, [meta.get(p.id, {}) for p in prompts], session.fleet, k=cfg.k,
+                                 temperature=cfg.temperature, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+    metrics["eval/seconds"] = time.perf_counter() - t0
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model_path, "data": cfg.data.name, "k": cfg.k, "temperature": cfg.temperature,
+               "metrics": metrics, "rows": rows}
+    table = markdown_table(metrics, model_path, cfg.data.name, cfg.k, cfg.temperature)
+    write_json_atomic(out / "eval.json", payload)
+    write_text_atomic(out / "eval.md", table)
+    print(table)
+    return metrics
+
+
+def main() -> None:
+    from hicra_rl.config import hydra_entry
+
+    hydra_entry("hicra-eval", "eval", EvalConfig, validate_eval, run_eval)
+
+
+if __name__ == "__main__":
+    main()

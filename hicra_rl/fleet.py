@@ -1,43 +1,154 @@
-"""Rollout workers + verifier pool as one unit: prompts in, scored responses out.  Shared by the
-training driver, periodic evaluation and ``hicra-eval``."""
+"""The Ray side of a run, in one place: a ``FleetSession`` connects to (or starts) Ray, reserves one
+placement group, starts the rollout workers and the verifier pool (and whatever other actors the caller
+starts in it) and tears all of it down.  ``Fleet`` and ``LearnerGroup`` are the handles the training
+loop and evaluation talk to; their interfaces are what the in-process fakes of the step tests implement.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import time
+from typing import Any
 
-from hicra_rl.evaluation import split_evenly
+import torch
+
+from hicra_rl.batch import RolloutBatch
 
 log = logging.getLogger("hicra_rl")
 
 
+def split_evenly(items: list, n: int) -> list[list]:
+    """Contiguous chunks of nearly equal size (the first ones one longer), never more than len(items)."""
+    n = max(1, min(n, len(items)))
+    q, r = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def _bounded_get(refs, timeout_s: float, what: str):
+    from hicra_rl.cluster import bounded_get
+
+    return bounded_get(refs, timeout_s, what)
+
+
 class Fleet:
+    """Rollout workers + verifier pool as one unit: prompts in, scored responses out."""
+
     def __init__(self, rollouts: list, verifiers: list, timeout_s: float, top_p: float = 1.0,
                  stop: list[str] | None = None):
         self.rollouts, self.verifiers = rollouts, verifiers
         self.timeout_s, self.top_p, self.stop = timeout_s, top_p, list(stop or []) or None
 
-    def _get(self, refs, what: str):
-        from hicra_rl.cluster import bounded_get
-
-        return bounded_get(refs, self.timeout_s, what)
-
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int) -> list[dict]:
-        """Split prompts over the rollout workers; responses come back prompt-major with a global group index."""
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 seed: int) -> RolloutBatch:
+        """``n`` samples per prompt, the prompts split over the rollout workers; prompt-major, with
+        ``group_ids`` = the prompt's index in ``prompt_ids``."""
         chunks = split_evenly(list(range(len(prompt_ids))), len(self.rollouts))
         refs = [w.generate.remote([prompt_ids[i] for i in chunk], n, temperature, self.top_p, max_tokens, seed + j,
                                   self.stop)
                 for j, (w, chunk) in enumerate(zip(self.rollouts, chunks))]
-        out = []
-        for chunk, responses in zip(chunks, self._get(refs, "rollout workers (generate)")):
-            for resp in responses:
-                resp["group_index"] = chunk[resp["group_index"]]
-                out.append(resp)
-        return out
+        parts = _bounded_get(refs, self.timeout_s, "rollout workers (generate)")
+        return RolloutBatch.concat(parts, [chunk[0] for chunk in chunks])
 
-    def score(self, items: list[tuple], n_tokens: list[int], finished: list[bool]) -> list[dict]:
+    def score(self, batch: RolloutBatch) -> list:
+        """One ``VerifyResult`` per response (``batch`` needs ``golds`` and ``tasks``)."""
+        if len(batch.golds) != len(batch) or len(batch.tasks) != len(batch):
+            raise ValueError("RolloutBatch has no golds/tasks: call attach_problems first")
+        items = list(zip(batch.response_texts, batch.golds, batch.tasks))
+        lengths, finished = batch.lengths, [r == "stop" for r in batch.finish_reasons]
         chunks = split_evenly(list(range(len(items))), len(self.verifiers))
-        refs = [v.score.remote([items[i] for i in c], [n_tokens[i] for i in c], [finished[i] for i in c])
+        refs = [v.score.remote([items[i] for i in c], [lengths[i] for i in c], [finished[i] for i in c])
                 for v, c in zip(self.verifiers, chunks)]
-        return [r for part in self._get(refs, "verifier pool (score)") for r in part]
+        return [r for part in _bounded_get(refs, self.timeout_s, "verifier pool (score)") for r in part]
+
+
+class LearnerGroup:
+    """The DeepSpeed learner ranks: every call splits the batch's rows evenly over the ranks."""
+
+    def __init__(self, learners: list, timeout_s: float, device: str = "cpu"):
+        self.learners, self.timeout_s, self.device = learners, timeout_s, device
+
+    def _get(self, refs, what: str):
+        return _bounded_get(refs, self.timeout_s, what)
+
+    def _shards(self, n: int) -> list[slice]:
+        per = n // len(self.learners)
+        return [slice(i * per, (i + 1) * per) for i in range(len(self.learners))]
+
+    def log_probs(self, sequences: tuple[torch.Tensor, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi, entropy) of the current policy per response token, [B, width]."""
+        ids, am, rm = sequences
+        parts = self._get([w.compute_log_probs.remote(ids[s], am[s], rm[s], width)
+                           for w, s in zip(self.learners, self._shards(len(ids)))], "learner ranks (log-probs)")
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def ref_log_probs(self, sequences: tuple[torch.Tensor, ...], width: int) -> torch.Tensor:
+        ids, am, rm = sequences
+        return torch.cat(self._get([w.compute_ref_log_probs.remote(ids[s], am[s], rm[s], width)
+                                    for w, s in zip(self.learners, self._shards(len(ids)))],
+                                   "learner ranks (reference log-probs)"))
+
+    def update(self, sequences: tuple[torch.Tensor, ...], old_log_probs: torch.Tensor, advantages: torch.Tensor,
+               ref_log_probs: torch.Tensor | None = None) -> dict[str, float]:
+        ids, am, rm = sequences
+        batches = []
+        for s in self._shards(len(ids)):
+            b = dict(input_ids=ids[s], attention_mask=am[s], response_mask=rm[s], old_log_probs=old_log_probs[s],
+                     advantages=advantages[s])
+            if ref_log_probs is not None:
+                b["ref_log_probs"] = ref_log_probs[s]
+            batches.append(b)
+        return self._get([w.update.remote(b) for w, b in zip(self.learners, batches)], "learner ranks (update)")[0]
+
+    def open_weight_group(self, fleet: Fleet, tensor_parallel_size: int, timeout_s: float) -> None:
+        """Transport ``broadcast``: one process group of learner rank 0 and every vLLM worker (NCCL on GPU,
+        gloo on CPU), so rollout workers on other nodes receive the weights over the network."""
+        world = 1 + tensor_parallel_size * len(fleet.rollouts)
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        host, port = self._get(self.learners[0].open_weight_group.remote(world, backend, timeout_s),
+                               "learner rank 0 (weight group rendezvous)")
+        refs = [self.learners[0].connect_weight_group.remote()] + [
+            w.join_weight_group.remote(host, port, world, 1 + i * tensor_parallel_size, backend, timeout_s)
+            for i, w in enumerate(fleet.rollouts)]
+        self._get(refs, f"weight group ({world} members at {host}:{port})")
+
+    def sync_weights(self, fleet: Fleet) -> dict[str, float]:
+        """Learner -> every vLLM engine; returns the ``sync/*`` metrics."""
+        t0 = time.perf_counter()
+        handle = self._get([w.publish_weights.remote() for w in self.learners], "learner ranks (gather weights)")[0]
+        try:
+            receives = [w.receive_weights.remote(handle) for w in fleet.rollouts]
+            if handle.transport == "broadcast":  # sender and receivers run the collective together
+                self._get(self.learners[0].send_weights.remote(), "learner rank 0 (weight broadcast)")
+            stats = self._get(receives, "rollout workers (weight sync)")
+        finally:
+            self._get(self.learners[0].release_weights.remote(handle), "learner rank 0 (release weights)")
+        return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,
+                "sync/load_s": max(s["load_seconds"] for s in stats), "sync/total_s": time.perf_counter() - t0}
+
+    def save(self, ckpt_root: str, step: int, extra: dict, keep_last: int) -> str:
+        return self._get([w.save.remote(ckpt_root, step, extra, keep_last) for w in self.learners],
+                         "learner ranks (checkpoint)")[0]
+
+    def load(self, ckpt_dir: str) -> dict:
+        return self._get([w.load.remote(ckpt_dir) for w in self.learners], f"learner ranks (loading {ckpt_dir})")[0]
+
+
+class RemoteMetrics:
+    """The metrics actor behind the same interface as an in-process ``MetricsWorker``."""
+
+    def __init__(self, actor, timeout_s: float):
+        self.actor, self.timeout_s = actor, timeout_s
+
+    def log_step(self, step: int, rollout: dict, extra: dict[str, float]) -> dict[str, float]:
+        return _bounded_get(self.actor.log_step.remote(step, rollout, extra), self.timeout_s, "metrics actor")
+
+    def state_dict(self) -> dict:
+        return _bounded_get(self.actor.state_dict.remote(), self.timeout_s, "metrics actor (state)")
 
 
 def fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg) -> dict[str, dict[str, float]]:
@@ -48,27 +159,101 @@ def fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg) -> dict[str, dict[str, f
     return bundles
 
 
-def start_rollout_workers(ray, count: int, model_path: str, model_cfg, rollout_cfg, seed: int, options) -> list:
-    from hicra_rl.actors import RolloutWorker
-
-    return [
-        ray.remote(RolloutWorker).options(**options(f"rollout{i}")).remote(
-            model_path, dtype=model_cfg.dtype, max_model_len=model_cfg.max_model_len, seed=seed + i,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, kv_cache_gib=rollout_cfg.kv_cache_gib,
-            cpu_threads=rollout_cfg.cpu_threads, enforce_eager=rollout_cfg.enforce_eager)
-        for i in range(count)
-    ]
+def verifier_shaping(reward_cfg, max_new_tokens: int) -> dict | None:
+    if not (reward_cfg.overlong_penalty or reward_cfg.format_penalty):
+        return None
+    return dict(overlong_penalty=reward_cfg.overlong_penalty, max_response_tokens=max_new_tokens,
+                overlong_buffer_tokens=reward_cfg.overlong_buffer,
+                overlong_penalty_factor=reward_cfg.overlong_penalty_factor,
+                format_penalty=reward_cfg.format_penalty)
 
 
-def start_verifiers(ray, reward_cfg, max_new_tokens: int, options) -> list:
-    from hicra_rl.actors import VerifierWorker
+class FleetSession:
+    """``with FleetSession(...) as session:`` — Ray connected (or started, and stopped at exit), one
+    placement group reserved for the fleet plus ``extra_bundles``, rollout workers and verifiers started
+    and ready (``session.fleet``).  ``session.start(name, cls, ...)`` starts another actor in its bundle;
+    every actor started here is closed (``close()``) and killed at exit, then the reservation released."""
 
-    shaping = None
-    if reward_cfg.overlong_penalty or reward_cfg.format_penalty:
-        shaping = dict(overlong_penalty=reward_cfg.overlong_penalty, max_response_tokens=max_new_tokens,
-                       overlong_buffer_tokens=reward_cfg.overlong_buffer,
-                       overlong_penalty_factor=reward_cfg.overlong_penalty_factor,
-                       format_penalty=reward_cfg.format_penalty)
-    return [ray.remote(VerifierWorker).options(**options(f"verifier{i}")).remote(
-        reward_cfg.timeout_s, reward_cfg.answer_mode, shaping) for i in range(reward_cfg.num_workers)]
+    def __init__(self, *, model_path: str, model_cfg, rollout_cfg, reward_cfg, cluster_cfg, seed: int,
+                 extra_bundles: dict[str, dict[str, float]] | None = None):
+        self.model_path, self.model_cfg, self.rollout_cfg = model_path, model_cfg, rollout_cfg
+        self.reward_cfg, self.cluster_cfg, self.seed = reward_cfg, cluster_cfg, seed
+        self.bundles = {**(extra_bundles or {}), **fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg)}
+        self.actors: list[tuple[str, Any]] = []
+        self.reservation = None
+        self.started_ray = False
+        self.fleet: Fleet | None = None
+        self.startup_seconds: list[float] = []
+
+    def __enter__(self) -> FleetSession:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        import ray
+
+        from hicra_rl import cluster
+        from hicra_rl.actors import RolloutWorker, VerifierWorker
+
+        cl, r, m = self.cluster_cfg, self.rollout_cfg, self.model_cfg
+        self.started_ray = not ray.is_initialized() and not (cl.address or os.environ.get("RAY_ADDRESS"))
+        cluster.connect(cl.address, cl.num_cpus)
+        self.reservation = cluster.reserve(self.bundles, cl.actor_start_timeout_s)
+        rollouts = [self.start(f"rollout{i}", RolloutWorker, self.model_path, dtype=m.dtype,
+                               max_model_len=m.max_model_len, seed=self.seed + i,
+                               tensor_parallel_size=r.tensor_parallel_size,
+                               gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
+                               cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager)
+                    for i in range(r.num_workers)]
+        shaping = verifier_shaping(self.reward_cfg, r.max_new_tokens)
+        verifiers = [self.start(f"verifier{i}", VerifierWorker, self.reward_cfg.timeout_s,
+                                self.reward_cfg.answer_mode, shaping) for i in range(self.reward_cfg.num_workers)]
+        self.fleet = Fleet(rollouts, verifiers, cl.step_timeout_s, r.top_p, list(r.stop))
+
+    def wait_ready(self) -> None:
+        """Block until the vLLM engines and the verifier pool are up (bounded; the error names which)."""
+        timeout = self.cluster_cfg.actor_start_timeout_s
+        self.startup_seconds = _bounded_get([w.ready.remote() for w in self.fleet.rollouts], timeout,
+                                            "rollout workers (vLLM start-up)")
+        _bounded_get([v.stats.remote() for v in self.fleet.verifiers], timeout, "verifier pool start-up")
+        log.info("vLLM engines started in %s s", [round(s, 1) for s in self.startup_seconds])
+
+    def options(self, name: str) -> dict:
+        b = self.bundles[name]
+        return dict(scheduling_strategy=self.reservation.strategy(name), num_cpus=b.get("CPU", 0),
+                    num_gpus=b.get("GPU", 0))
+
+    def start(self, name: str, cls, *args, **kwargs):
+        """Start actor ``cls(*args, **kwargs)`` in bundle ``name``; it is closed and killed at exit."""
+        import ray
+
+        actor = ray.remote(cls).options(**self.options(name)).remote(*args, **kwargs)
+        self.actors.append((name, actor))
+        return actor
+
+    def close(self) -> None:
+        import ray
+
+        if self.actors:
+            refs = {name: a.close.remote() for name, a in self.actors}
+            for name, ref in refs.items():
+                try:
+                    ray.get(ref, timeout=120)
+                except Exception as err:  # shutting down: report, keep going
+                    log.warning("closing %s: %s", name, err)
+            for _, a in self.actors:
+                ray.kill(a)
+            self.actors = []
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False

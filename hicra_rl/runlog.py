@@ -6,6 +6,8 @@ import math
 import os
 from typing import Any
 
+from hicra_rl.iofiles import write_text_atomic
+
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -49,10 +51,7 @@ class MetricsSink:
                     continue  # a torn last line of a killed run
                 if row.get("step", 0) <= step:
                     kept.append(json.dumps(row))
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}

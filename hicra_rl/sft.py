@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hicra_rl.config import DataConfig, ModelConfig, _check
+from hicra_rl.config import MODEL_DTYPES, DataConfig, ModelConfig, _check
+from hicra_rl.iofiles import write_text_atomic
 
 log = logging.getLogger("hicra_rl")
 
@@ -126,6 +127,7 @@ def validate_sft(cfg: SFTConfig) -> None:
     _check(cfg.max_steps >= 1, "max_steps", "must be >= 1")
     _check(cfg.lr > 0, "lr", "must be > 0")
     _check(cfg.max_minutes > 0, "max_minutes", "must be > 0")
+    _check(cfg.model.dtype in MODEL_DTYPES, "model.dtype", f"{cfg.model.dtype!r} is not one of {MODEL_DTYPES}")
 
 
 def solution_for(row: dict, solutions: str, rng: random.Random) -> str:
@@ -149,7 +151,7 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
     """(prompt ids, response ids + EOS) per training row."""
     from hicra_rl.data.setup import load_prompts
 
-    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed)
+    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed, role="cold_start")
     rows = {r["id"]: r for r in problems.rows}
     if cfg.solutions == "gsm8k":  # the human solution text is the raw answer field
         from hicra_rl.data.datasets import builtin_spec
@@ -171,11 +173,9 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
 def write_corpus(cfg: SFTConfig, tokenizer, path: str) -> int:
     """The cold start's worked solutions as a JSONL corpus (e.g. for ``hicra-sg mine --corpus``)."""
     examples = build_examples(cfg, tokenizer)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, (_, ids) in enumerate(examples):
-            f.write(json.dumps({"id": i, "answer": tokenizer.decode(ids, skip_special_tokens=True)}) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(
+        json.dumps({"id": i, "answer": tokenizer.decode(ids, skip_special_tokens=True)}) + "\n"
+        for i, (_, ids) in enumerate(examples)))
     return len(examples)
 
 
@@ -193,28 +193,25 @@ def length_bucketed_batches(examples: list, batch_size: int, bucket_factor: int,
     return batches
 
 
-def nll_step(learner, input_ids, attention_mask, response_mask) -> dict[str, float]:
-    """One optimizer step of token-mean NLL over the response tokens (micro-batched, global counts)."""
-    from hicra_rl.learner.sequences import response_layout_mask, response_spans
+def nll_loss(mb) -> tuple:
+    """Token-mean NLL of the response tokens (the learner's global token count normalises it)."""
+    loss = -(mb.log_probs * mb.mask).sum() / mb.token_normalizer
+    return loss, {"sft/nll": float(loss.detach())}, {}
 
-    engine = learner.engine
-    starts, lengths = response_spans(response_mask, attention_mask)
-    width = int(lengths.max())
-    mask = response_layout_mask(lengths, width)
-    n_tok = learner._all_reduce_sum([float(mask.sum())])[0]
-    total, mb, n = 0.0, learner.cfg.micro_batch_size, input_ids.shape[0]
-    for s in range(0, n, mb):
-        e = min(n, s + mb)
-        logp, _ = learner._response_log_probs(engine, input_ids[s:e], attention_mask[s:e], starts[s:e],
-                                              lengths[s:e], width)
-        loss = -(logp * mask[s:e].to(logp.device)).sum() / n_tok
-        engine.set_gradient_accumulation_boundary(e == n)
-        engine.backward(loss * learner.world_size, scale_wrt_gas=False)
-        total += float(loss.detach())
-    engine.step()
-    grad_norm = engine.get_global_grad_norm()
-    return {"sft/nll": learner._all_reduce_sum([total])[0], "sft/tokens": n_tok,
-            "sft/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+def nll_step(learner, input_ids, attention_mask, response_mask) -> dict[str, float]:
+    """One optimizer step of token-mean NLL over the response tokens, through the learner's one
+    gradient path (micro-batches, global counts, accumulation, clipping)."""
+    out = learner.gradient_step(input_ids, attention_mask, response_mask, nll_loss)
+    return {"sft/nll": out["sft/nll"], "sft/tokens": out["n_tokens"], "sft/grad_norm": out["grad_norm"]}
+
+
+def learner_config(cfg: SFTConfig):
+    """The cold start's learner: cosine schedule to 10 % of ``lr`` after ``warmup_steps``."""
+    from hicra_rl.config import LearnerConfig
+
+    return LearnerConfig(zero_stage=cfg.zero_stage, lr=cfg.lr, warmup_steps=cfg.warmup_steps, scheduler="cosine",
+                         min_lr_ratio=0.1, max_grad_norm=cfg.max_grad_norm, micro_batch_size=cfg.micro_batch_size)
 
 
 def run_sft(cfg: SFTConfig) -> str:
@@ -223,7 +220,7 @@ def run_sft(cfg: SFTConfig) -> str:
     from transformers import AutoTokenizer
 
     from hicra_rl.learner.checkpoint import save_hf_model
-    from hicra_rl.learner.engine import LearnerConfig, PolicyLearner
+    from hicra_rl.learner.engine import PolicyLearner
     from hicra_rl.learner.sequences import build_sequences
     from hicra_rl.models import resolve_model
 
@@ -244,13 +241,10 @@ def run_sft(cfg: SFTConfig) -> str:
     if not batches:
         raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    learner = PolicyLearner(LearnerConfig(
-        model_path=model_path, zero_stage=cfg.zero_stage, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-        lr_scheduler="cosine", total_steps=cfg.max_steps, min_lr_ratio=0.1, max_grad_norm=cfg.max_grad_norm,
-        micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
-        dtype={"bfloat16": "bf16"}.get(cfg.model.dtype, "fp32"),
-    ), rank=rank, world_size=world, master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=int(os.environ.get("MASTER_PORT", 29511)))
+    learner = PolicyLearner(learner_config(cfg), model_path=model_path, dtype=cfg.model.dtype, seed=cfg.seed,
+                            total_steps=cfg.max_steps, rank=rank, world_size=world,
+                            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                            master_port=int(os.environ.get("MASTER_PORT", 29511)))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, desc="sft", unit="step", disable=rank != 0)
     history = []
@@ -262,7 +256,9 @@ def run_sft(cfg: SFTConfig) -> str:
         history.append(stats)
         bar.set_postfix(nll=f"{stats['sft/nll']:.3f}")
         bar.update(1)
-        if (time.perf_counter() - t0) / 60 > cfg.max_minutes:
+        # every rank must leave the loop at the same step (the next step's collectives would hang):
+        # rank 0's clock decides
+        if learner.broadcast_from_rank0(float((time.perf_counter() - t0) / 60 > cfg.max_minutes)):
             log.warning("sft: time budget of %.1f min spent after %d steps; saving", cfg.max_minutes, step + 1)
             break
     bar.close()

@@ -10,9 +10,15 @@ register_configs()  # the schema is in the ConfigStore for Hydra's compose API a
 
 
 def run(cfg: TrainConfig) -> None:
-    from hicra_rl.driver import train
+    import sys
 
-    history = train(cfg)
+    from hicra_rl.driver import RunAlreadyComplete, train
+
+    try:
+        history = train(cfg)
+    except RunAlreadyComplete as done:  # nothing to do: say so before starting anything (exit 0)
+        print(f"hicra-train: {done}", file=sys.stderr)
+        return
     if history:
         print(f"done: {len(history)} steps this run; metrics in {os.path.abspath(cfg.trainer.run_dir)}/metrics.jsonl")
 

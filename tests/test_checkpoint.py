@@ -11,8 +11,9 @@ import pytest
 import torch
 from learner_fixtures import build_tiny_llama, free_port, random_rows, remove_shm_buffers
 
+from hicra_rl.config import LearnerConfig
 from hicra_rl.learner import checkpoint as ckpt
-from hicra_rl.learner.engine import LearnerConfig, PolicyBatch, PolicyLearner
+from hicra_rl.learner.engine import PolicyBatch, PolicyLearner
 from hicra_rl.learner.sequences import build_sequences
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -103,23 +104,23 @@ def rng_draws():
 def test_save_load_resumes_exactly(tiny_model, port, tmp_path, stage):
     """2 steps, save, load into a fresh learner, 2 more == 4 straight steps (losses, lr, weights)."""
     def config():
-        return LearnerConfig(model_path=tiny_model, zero_stage=stage, lr=1e-2, weight_decay=0.1, micro_batch_size=2,
-                             lr_scheduler="cosine", warmup_steps=1, total_steps=4, min_lr_ratio=0.1)
+        return LearnerConfig(zero_stage=stage, lr=1e-2, weight_decay=0.1, micro_batch_size=2,
+                             scheduler="cosine", warmup_steps=1, min_lr_ratio=0.1)
 
     batches = make_batches(4)
-    straight = PolicyLearner(config(), master_port=port)
+    straight = PolicyLearner(config(), model_path=tiny_model, total_steps=4, master_port=port)
     straight_stats = train(straight, batches)
     straight_weights = straight.full_state_dict()
     assert len({s["actor/lr"] for s in straight_stats}) == 4  # the schedule state matters
 
-    first = PolicyLearner(config(), master_port=port)
+    first = PolicyLearner(config(), model_path=tiny_model, total_steps=4, master_port=port)
     first_stats = train(first, batches[:2])
     saved_weights = first.full_state_dict()
     path = ckpt.save_checkpoint(first, tmp_path, step=2, extra={"data_position": 8, "step": 2})
     expected_draws = rng_draws()
     random.seed(1), np.random.seed(1), torch.manual_seed(1)  # scramble: load must restore
 
-    resumed = PolicyLearner(config(), master_port=port)
+    resumed = PolicyLearner(config(), model_path=tiny_model, total_steps=4, master_port=port)
     assert ckpt.load_checkpoint(resumed, path) == {"data_position": 8, "step": 2}
     got_draws = rng_draws()
     assert got_draws[:2] == expected_draws[:2] and torch.equal(got_draws[2], expected_draws[2])
@@ -147,7 +148,7 @@ def test_save_load_resumes_exactly(tiny_model, port, tmp_path, stage):
 
 
 def test_interrupted_save_never_wins_and_retention(tiny_model, port, tmp_path, monkeypatch):
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=0, lr=1e-2), master_port=port)
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-2), model_path=tiny_model, master_port=port)
     batches = make_batches(2)
     train(learner, batches[:1])
     ckpt.save_checkpoint(learner, tmp_path, step=1, extra={"pos": 1})
@@ -185,7 +186,7 @@ def test_interrupted_save_never_wins_and_retention(tiny_model, port, tmp_path, m
     manifest = tmp_path / "step-2" / ckpt.MANIFEST
     data = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**data, "world_size": 2}))
-    fresh = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=0), master_port=port)
+    fresh = PolicyLearner(LearnerConfig(zero_stage=0), model_path=tiny_model, master_port=port)
     with pytest.raises(ValueError, match=r"checkpoint.json: field 'world_size' is 2, this learner has 1"):
         ckpt.load_checkpoint(fresh, tmp_path / "step-2")
     shutil.rmtree(tmp_path / "step-2")

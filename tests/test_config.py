@@ -56,7 +56,7 @@ SHARED = [(g, o) for g, o in OPTIONS if g in ("model", "data", "cluster")]
 def test_model_data_cluster_options_also_compose_into_hicra_eval(hydra_conf, group, option):
     from hydra.core.config_store import ConfigStore
 
-    from hicra_rl.eval import EvalConfig, validate_eval
+    from hicra_rl.evaluation import EvalConfig, validate_eval
 
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)  # what hicra-eval's main registers
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
@@ -287,3 +287,76 @@ def test_reserve_more_gpus_than_the_cluster_has_fails_at_once():
         ok.release()
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- the registries are the truth
+def test_a_newly_registered_estimator_aggregation_and_kl_are_accepted(hydra_conf):
+    """Validation reads the registries in hicra_rl.algo: registering is all a new estimator needs."""
+    import torch
+
+    from hicra_rl.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, compute_advantages
+    from hicra_rl.algo.advantages import register_advantage
+    from hicra_rl.algo.losses import register_aggregation, register_kl_estimator
+
+    _raises_naming("algorithm.advantage_estimator", "unknown estimator 'rloo_test'",
+                   "algorithm.advantage_estimator=rloo_test")
+    try:
+        @register_advantage("rloo_test")
+        def rloo(rewards, group_ids, **_):  # leave-one-out baseline: R_i - mean of the others
+            n = rewards.numel()
+            return rewards - (rewards.sum() - rewards) / (n - 1)
+
+        register_aggregation("sum_test")(lambda loss_mat, mask, **_: (loss_mat * mask).sum())
+        register_kl_estimator("k2_test")(lambda log_ratio: 0.5 * log_ratio ** 2)
+        cfg = load("algorithm.advantage_estimator=rloo_test", "algorithm.loss_agg_mode=sum_test",
+                   "algorithm.kl_estimator=k2_test")
+        assert (cfg.algorithm.advantage_estimator, cfg.algorithm.loss_agg_mode) == ("rloo_test", "sum_test")
+        # [1, 0, 0]: 1 - 0 = 1, 0 - 0.5 = -0.5 (x2)
+        assert compute_advantages("rloo_test", torch.tensor([1.0, 0.0, 0.0]), [0, 0, 0]).tolist() == [1.0, -0.5, -0.5]
+    finally:
+        ADVANTAGE_ESTIMATORS.pop("rloo_test", None)
+        LOSS_AGGREGATIONS.pop("sum_test", None)
+        KL_ESTIMATORS.pop("k2_test", None)
+    _raises_naming("algorithm.kl_estimator", "unknown estimator 'k2_test'", "algorithm.kl_estimator=k2_test")
+
+
+def test_one_learner_config_type():
+    """hicra-train's `learner` group and the DeepSpeed learner take the same class (no bridge)."""
+    import inspect
+
+    from hicra_rl.config import LearnerConfig
+    from hicra_rl.learner import engine
+
+    assert TrainConfig().learner.__class__ is LearnerConfig
+    assert inspect.signature(engine.PolicyLearner).parameters["cfg"].annotation in ("LearnerConfig", LearnerConfig)
+    assert not hasattr(engine, "LearnerConfig") or engine.LearnerConfig is LearnerConfig
+
+
+def test_float16_is_rejected_for_train_and_sft(hydra_conf):
+    """vLLM would sample in fp16 while the learner trained in fp32: the two must agree."""
+    from hicra_rl.sft import SFTConfig, validate_sft
+
+    _raises_naming("model.dtype", "'float16' is not one of ('float32', 'bfloat16')", "model.dtype=float16",
+                   "cluster=single_node_gpu")
+    cfg = SFTConfig()
+    cfg.model.dtype = "float16"
+    with pytest.raises(ConfigError, match="model.dtype"):
+        validate_sft(cfg)
+
+
+def test_schema_default_lexicon_is_the_default_data_groups(hydra_conf):
+    """TrainConfig() built in code and `hicra-train` with no overrides tag with the same lexicon."""
+    from hicra_rl.config import lexicon_path
+
+    composed = load()
+    assert composed.data.name == TrainConfig().data.name == "arith"
+    assert lexicon_path(TrainConfig()) == lexicon_path(composed)
+    assert lexicon_path(TrainConfig()).endswith("arith_lexicon.json")
+
+
+def test_dr_grpo_loss_normaliser_is_the_generation_budget(hydra_conf):
+    from hicra_rl.config import policy_loss_config
+
+    cfg = load("algorithm=dr_grpo", "rollout.max_new_tokens=96")
+    loss = policy_loss_config(cfg)
+    assert (loss.agg_mode, loss.norm_constant) == ("seq-mean-token-sum-norm", 96.0)

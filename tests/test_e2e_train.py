@@ -126,7 +126,7 @@ def test_two_ranks_zero3_and_broadcast_weight_sync(tiny_model, tmp_path):
 
 def test_hicra_eval_through_rollout_workers(tiny_model, tmp_path):
     """hicra-eval's run: vLLM rollout worker + verifier pool through Ray, eval.json and eval.md written."""
-    from hicra_rl.eval import EvalConfig, run_eval
+    from hicra_rl.evaluation import EvalConfig, run_eval
 
     cfg = EvalConfig()
     cfg.model.path = tiny_model

@@ -184,7 +184,8 @@ def test_submit_one_step_job_to_a_local_ray_head(tiny_model, tmp_path):
         assert [r["step"] for r in rows] == [1]
         # docs/metrics.md explains every key the run logged (reward/pass@3 is documented as reward/pass@G)
         documented = set(re.findall(r"`([a-z_]+/[^`\s]+)`", (REPO / "docs" / "metrics.md").read_text()))
-        logged = {re.sub(r"pass@3$", "pass@G", k) for k in rows[0] if k != "step"}
+        logged = {re.sub(r"^strategy/cluster=\d+$", "strategy/cluster=<id>", re.sub(r"pass@3$", "pass@G", k))
+                  for k in rows[0] if k != "step"}
         assert logged - documented == set(), f"undocumented metrics: {sorted(logged - documented)}"
         assert rows[0]["rollout/generated_tokens"] >= 6  # 2 prompts x 3 responses, at least 1 token each
         assert find_latest_complete(str(run_dir / "checkpoints")).name == "step-1"

@@ -19,8 +19,10 @@ from learner_fixtures import (
 )
 
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
-from hicra_rl.learner.engine import LearnerConfig, PolicyBatch, PolicyLearner, _lr_lambda
-from hicra_rl.learner.sequences import build_sequences, gather_response, response_layout_mask, response_spans
+from hicra_rl.batch import response_layout_mask
+from hicra_rl.config import LearnerConfig
+from hicra_rl.learner.engine import PolicyBatch, PolicyLearner, _lr_lambda
+from hicra_rl.learner.sequences import build_sequences, gather_response, response_spans
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -90,20 +92,21 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
 
 
 def test_config_rejects_bad_settings():
-    with pytest.raises(ValueError, match="zero_stage"):
-        LearnerConfig(model_path="x", zero_stage=4)
+    """The learner checks a config built in code before it loads anything (the same checks as the schema)."""
+    with pytest.raises(ValueError, match="learner.zero_stage"):
+        PolicyLearner(LearnerConfig(zero_stage=4), model_path="x")
+    with pytest.raises(ValueError, match="learner.betas"):
+        PolicyLearner(LearnerConfig(betas=[0.9, 1.5]), model_path="x")
     with pytest.raises(ValueError, match="cosine' needs total_steps"):
-        LearnerConfig(model_path="x", lr_scheduler="cosine")
-    with pytest.raises(ValueError, match="kl_coef != 0 needs use_reference_model"):
-        LearnerConfig(model_path="x", loss={"kl_coef": 0.1})
-    cfg = LearnerConfig(model_path="x", betas=[0.9, 0.95], loss={"agg_mode": "seq-mean-token-mean"})
-    assert cfg.betas == (0.9, 0.95) and cfg.loss.agg_mode == "seq-mean-token-mean"
+        PolicyLearner(LearnerConfig(scheduler="cosine"), model_path="x")
+    with pytest.raises(ValueError, match="learner dtype"):
+        PolicyLearner(LearnerConfig(), model_path="x", dtype="float16")
 
 
 # ---------------------------------------------------------------------------- DeepSpeed, world size 1
 def test_log_probs_and_entropy_match_plain_hf(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=2, micro_batch_size=3,
-                                          logits_temperature=0.7, logprob_chunk_size=5), master_port=port)
+    learner = PolicyLearner(LearnerConfig(zero_stage=2, micro_batch_size=3, logprob_chunk_size=5),
+                            model_path=tiny_model, logits_temperature=0.7, master_port=port)
     prompts, responses = random_rows(0, [4, 1, 6, 3, 2], [3, 5, 1, 4, 2])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     lp, ent = learner.compute_log_probs(ids, am, rm, width=6)
@@ -129,9 +132,9 @@ def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, e
     the gradient itself, and fp32 summation-order noise in near-zero gradients stays below 1e-6."""
     loss_cfg = PolicyLossConfig(agg_mode=agg_mode, entropy_coef=entropy_coef)
     lr, eps, wd, clip = 0.1, 1.0, 0.1, 1.0
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=stage, lr=lr, eps=eps, weight_decay=wd,
-                                          max_grad_norm=clip, micro_batch_size=1, num_mini_batches=2,
-                                          gradient_checkpointing=checkpointing, loss=loss_cfg),
+    learner = PolicyLearner(LearnerConfig(zero_stage=stage, lr=lr, eps=eps, weight_decay=wd, max_grad_norm=clip,
+                                          micro_batch_size=1, mini_batches_per_step=2),
+                            model_path=tiny_model, gradient_checkpointing=checkpointing, loss=loss_cfg,
                             master_port=port)
     prompts, responses = random_rows(1, [3, 7, 2, 5], [6, 2, 9, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -180,7 +183,7 @@ def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, e
 
 
 def test_zero_advantages_give_zero_loss_and_no_update(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=2, lr=1e-2, micro_batch_size=2),
+    learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=1e-2, micro_batch_size=2), model_path=tiny_model,
                             master_port=port)
     prompts, responses = random_rows(3, [2, 4, 3], [5, 3, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -195,9 +198,8 @@ def test_zero_advantages_give_zero_loss_and_no_update(tiny_model, port):
 
 
 def test_reference_model_stays_frozen_and_kl_grows(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=3, lr=1e-2, micro_batch_size=2,
-                                          num_mini_batches=2, use_reference_model=True,
-                                          loss={"kl_coef": 0.5}), master_port=port)
+    learner = PolicyLearner(LearnerConfig(zero_stage=3, lr=1e-2, micro_batch_size=2, mini_batches_per_step=2),
+                            model_path=tiny_model, loss=PolicyLossConfig(kl_coef=0.5), master_port=port)
     prompts, responses = random_rows(4, [2, 4, 3, 2], [5, 3, 4, 2])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     lp0, _ = learner.compute_log_probs(ids, am, rm)
@@ -212,7 +214,7 @@ def test_reference_model_stays_frozen_and_kl_grows(tiny_model, port):
 
 
 def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=3), master_port=port)
+    learner = PolicyLearner(LearnerConfig(zero_stage=3), model_path=tiny_model, master_port=port)
     sd = learner.full_state_dict()
     expected = reference_model(tiny_model).state_dict()
     assert set(sd) == set(expected) and "lm_head.weight" in sd
@@ -223,7 +225,7 @@ def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_model, port):
 
 
 def test_update_rejects_mismatched_batch(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=0, num_mini_batches=2),
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, mini_batches_per_step=2), model_path=tiny_model,
                             master_port=port)
     prompts, responses = random_rows(6, [2, 3, 2], [3, 2, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -254,7 +256,7 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
     assert r0["stats"]["actor/pg_loss"] == r1["stats"]["actor/pg_loss"]
 
-    learner = PolicyLearner(ws2_learner_config(tiny_model), master_port=port)
+    learner = PolicyLearner(ws2_learner_config(tiny_model), model_path=tiny_model, master_port=port)
     ids, am, rm, advantages, old_shift = ws2_batch()
     lp, _ = learner.compute_log_probs(ids, am, rm, width=advantages.shape[1])
     single = learner.update(PolicyBatch(ids, am, rm, lp + old_shift, advantages))
@@ -272,7 +274,7 @@ def test_update_moves_log_probs_in_the_direction_of_the_hicra_advantages(tiny_mo
     with A < 0 less likely (the sign of learning, end to end through DeepSpeed)."""
     from hicra_rl.algo import compute_advantages, hicra_advantages
 
-    learner = PolicyLearner(LearnerConfig(model_path=tiny_model, zero_stage=2, lr=1e-3, micro_batch_size=2),
+    learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=2), model_path=tiny_model,
                             master_port=port)
     prompts, responses = random_rows(11, [3, 3, 4, 2], [6, 5, 6, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)

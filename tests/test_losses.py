@@ -51,9 +51,25 @@ def test_aggregation_modes_hand_computed():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     assert float(aggregate_loss(loss_mat, mask, "token-mean")) == pytest.approx(10 / 4)
     assert float(aggregate_loss(loss_mat, mask, "seq-mean-token-mean")) == pytest.approx((2 + 4) / 2)
-    assert float(aggregate_loss(loss_mat, mask, "seq-mean-token-sum-norm")) == pytest.approx((6 / 3 + 4 / 3) / 2)
+    assert float(aggregate_loss(loss_mat, mask, "seq-mean-token-sum-norm", norm_constant=3.0)) == pytest.approx(
+        (6 / 3 + 4 / 3) / 2)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate_loss(loss_mat, mask, "sum")
+
+
+def test_dr_grpo_normaliser_is_the_generation_budget_not_the_padded_width():
+    """The same two responses padded to width 3 or 8 give the same Dr.GRPO loss: (6/16 + 4/16) / 2."""
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss_mat = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0]])
+    wide = torch.nn.functional.pad(loss_mat, (0, 5), value=9.0)
+    wide_mask = torch.nn.functional.pad(mask, (0, 5))
+    for lm, m in ((loss_mat, mask), (wide, wide_mask)):
+        assert float(aggregate_loss(lm, m, "seq-mean-token-sum-norm", norm_constant=16.0)) == pytest.approx(
+            (6 / 16 + 4 / 16) / 2)
+    with pytest.raises(ValueError, match="needs norm_constant"):
+        aggregate_loss(loss_mat, mask, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="needs norm_constant"):
+        PolicyLossConfig(agg_mode="seq-mean-token-sum-norm")
 
 
 def test_micro_batch_normalisers_reproduce_full_batch_loss():
@@ -61,7 +77,7 @@ def test_micro_batch_normalisers_reproduce_full_batch_loss():
     loss_mat = torch.randn(6, 5)
     mask = (torch.rand(6, 5) > 0.3).int()
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        full = aggregate_loss(loss_mat, mask, mode)
+        full = aggregate_loss(loss_mat, mask, mode, norm_constant=5.0)
         parts = sum(
             aggregate_loss(loss_mat[i : i + 2], mask[i : i + 2], mode, token_normalizer=float(mask.sum()),
                            seq_normalizer=6, norm_constant=5.0)

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from hicra_rl.driver import console_line, prompt_indices, response_layout_mask
-from hicra_rl.evaluation import split_evenly, summarise
+from hicra_rl.batch import response_layout_mask
+from hicra_rl.driver import console_line, prompt_indices
+from hicra_rl.evaluation import summarise
+from hicra_rl.fleet import split_evenly
 from hicra_rl.metrics.perplexity import RelativePerplexity
-from hicra_rl.metrics.step import following_ngram, maximal_occurrences, step_metrics
+from hicra_rl.metrics.step import following_ngram, maximal_occurrences, step_metrics, strategy_usage
 from hicra_rl.runlog import MetricsSink, read_metrics
 
 
@@ -26,13 +28,46 @@ def test_split_evenly():
 
 
 def test_response_layout_mask():
-    assert response_layout_mask([1, 3], 3).tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert response_layout_mask(torch.tensor([1, 3]), 3).tolist() == [[1, 0, 0], [1, 1, 1]]
 
 
 def test_maximal_occurrences_and_following_ngram():
     occ = [(0, 19, "the total number of"), (0, 16, "the total number"), (30, 40, "so in total")]
     assert maximal_occurrences(occ) == [(0, 19, "the total number of"), (30, 40, "so in total")]
     assert following_ngram("so in total we get 5 apples", 11) == "we get 5"
+
+
+def test_partly_overlapping_occurrences_merge_into_one():
+    # "so the final answer is boxed": "so the final answer is" [0, 22) and "final answer is boxed" [7, 28)
+    # overlap without nesting; the old rule kept both (2 occurrences), now they are one, spanning [0, 28),
+    # labelled by the longer gram (22 > 21 characters); "answer is boxed" [13, 28) joins the same run
+    text = "so the final answer is boxed{3}"
+    occ = [(13, 28, "answer is boxed"), (0, 22, "so the final answer is"), (7, 28, "final answer is boxed")]
+    assert [text[s:e] for s, e, _ in occ] == ["answer is boxed", "so the final answer is", "final answer is boxed"]
+    assert maximal_occurrences(occ) == [(0, 28, "so the final answer is")]
+    # equal lengths: the earliest start wins, whatever the input order
+    assert maximal_occurrences([(5, 15, "b b b"), (0, 10, "a a a")]) == [(0, 15, "a a a")]
+    # transitive: [0, 5) and [8, 20) do not overlap, but both overlap [4, 9)
+    assert maximal_occurrences([(0, 5, "x"), (4, 9, "y y"), (8, 20, "z z z")]) == [(0, 20, "z z z")]
+    # half-open spans: touching is not overlapping
+    assert maximal_occurrences([(0, 5, "p"), (5, 9, "q")]) == [(0, 5, "p"), (5, 9, "q")]
+    assert maximal_occurrences([]) == []
+
+
+def test_strategy_usage_hand_computed():
+    clusters = {"a b c": 0, "d e f": 1, "g h i": 1, "j k l": 2}
+    occ = [
+        [(0, 5, "d e f"), (6, 11, "g h i")],  # cluster 1 (twice: counts once)
+        [(0, 5, "a b c"), (6, 11, "a b c")],  # cluster 0
+        [],
+        [(0, 5, "x y z")],  # not in the mapping: ignored
+    ]
+    assert strategy_usage(occ, clusters) == {
+        "strategy/cluster=0": 1 / 4,
+        "strategy/cluster=1": 1 / 4,
+        "strategy/cluster=2": 0.0,
+    }
+    assert all(math.isnan(v) for v in strategy_usage([], clusters).values())
 
 
 def test_step_metrics_hand_computed():
@@ -65,6 +100,32 @@ def test_step_metrics_hand_computed():
     assert m["relative_perplexity/planning"] == 1.0
     # following n-grams: "a b c" -> "x y" and "d e f z"; "d e f" -> "z" and "w": H(E|S) = ln 2
     assert m["strategic/conditional_entropy"] == pytest.approx(math.log(2))
+    assert not any(k.startswith("strategy/") for k in m)
+
+
+def test_step_metrics_counts_an_overlapping_run_once_and_reports_strategy_usage():
+    texts = ["so the final answer is boxed 3", "let's work from left to right. so the final answer is boxed 5"]
+    final, boxed, work = "so the final answer is", "final answer is boxed", "let's work from"
+    occ = [[(0, 22, final), (7, 28, boxed)], [(0, 15, work), (31, 53, final), (38, 59, boxed)]]
+    assert [texts[1][s:e] for s, e, _ in occ[1]] == [work, final, boxed]
+    n = len(texts)
+    m = step_metrics(
+        rewards=[1.0, 0.0], correct=[True, False], group_ids=[0, 0], response_lengths=[3, 3],
+        finish_reasons=["stop", "stop"], sg_occurrences=occ, response_texts=texts,
+        planning_mask=torch.zeros(n, 3, dtype=torch.bool), response_mask=torch.ones(n, 3),
+        token_entropy=torch.ones(n, 3), token_log_probs=-torch.ones(n, 3), rel_ppl=RelativePerplexity(),
+        pass_k=2, gram_clusters={final: 0, boxed: 0, work: 1, "add the positive": 2},
+    )
+    # merged: response 0 [final], response 1 [work, final] -> counts final 2, work 1 (the old rule
+    # counted final 2, boxed 2, work 1: 5 occurrences, entropy of (2/5, 2/5, 1/5))
+    assert m["strategic/sgs_per_response"] == pytest.approx(3 / 2)
+    assert m["strategic/distinct_sgs"] == 2
+    assert m["strategic/semantic_entropy"] == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    # after the merged run comes "3" (response 0) and "5" (response 1); after "let's work from": "left to right."
+    assert m["strategic/conditional_entropy"] == pytest.approx(2 / 3 * math.log(2))
+    assert m["strategy/cluster=0"] == 1.0
+    assert m["strategy/cluster=1"] == 0.5
+    assert m["strategy/cluster=2"] == 0.0
 
 
 def test_summarise_eval_rows():

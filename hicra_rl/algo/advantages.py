@@ -8,21 +8,19 @@ Reinforcement Learning" (arXiv 2509.03646).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from hicra_rl.algo.registry import lookup, registrar
+from hicra_rl.batch import pad_ragged, response_layout_mask
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def register_advantage(name: str):
-    def wrap(fn):
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} registered twice")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
+register_advantage = registrar(ADVANTAGE_ESTIMATORS, "advantage estimator")
 
 
 def _group_index(group_ids) -> tuple[torch.Tensor, int]:
@@ -76,13 +74,7 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_ids, **_) -> torch.Tensor:
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, group_ids, **kwargs) -> torch.Tensor:
-    try:
-        fn = ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
-        ) from None
-    return fn(rewards, group_ids, **kwargs)
+    return lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)(rewards, group_ids, **kwargs)
 
 
 def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
@@ -109,3 +101,43 @@ def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alph
         return advantages.clone()
     bonus = alpha * advantages.abs() * planning_mask.to(advantages.dtype)
     return advantages + bonus
+
+
+@dataclass
+class StepAdvantages:
+    """What one HICRA step hands the learner; token tensors are in the response layout [B, W]
+    (column j is a response's j-th token, columns past its length are padding)."""
+
+    sequence: torch.Tensor        # [B] outcome advantage A of each response
+    token: torch.Tensor           # [B, W] A + alpha |A| on planning tokens, A on execution tokens, 0 on padding
+    response_mask: torch.Tensor   # [B, W] 1.0 on response tokens, 0.0 on padding
+    planning_mask: torch.Tensor   # [B, W] bool, False on padding
+
+
+def hicra_step_advantages(
+    rewards: Sequence[float] | torch.Tensor,
+    group_ids: Sequence,
+    planning_masks: Sequence[Sequence[bool]],
+    response_lengths: Sequence[int],
+    *,
+    estimator: str = "grpo_mean",
+    alpha: float = 0.2,
+    width: int | None = None,
+    **estimator_kwargs,
+) -> StepAdvantages:
+    """The whole credit assignment of one step (paper Eq. 6 on top of a group baseline): sequence
+    advantages from the registered ``estimator``, HICRA shaping with ``alpha`` on the planning tokens,
+    padding zeroed.  ``planning_masks`` are ragged, one per response, each as long as the response."""
+    lengths = [int(n) for n in response_lengths]
+    if len(planning_masks) != len(lengths):
+        raise ValueError(f"{len(planning_masks)} planning masks for {len(lengths)} responses")
+    for i, (mask, n) in enumerate(zip(planning_masks, lengths)):
+        if len(mask) != n:
+            raise ValueError(f"response {i}: planning mask has {len(mask)} entries for {n} response tokens")
+    width = max(lengths, default=0) if width is None else width
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    sequence = compute_advantages(estimator, rewards, group_ids, **estimator_kwargs)
+    planning = pad_ragged([list(m) for m in planning_masks], False, torch.bool, width)
+    response_mask = response_layout_mask(torch.tensor(lengths), width)
+    token = hicra_advantages(sequence, planning, alpha) * response_mask
+    return StepAdvantages(sequence=sequence, token=token, response_mask=response_mask, planning_mask=planning)

@@ -6,16 +6,48 @@ All inputs are [B, T] tensors over response tokens with a 0/1 ``mask``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
+from hicra_rl.algo.registry import lookup, registrar
+
+LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+
+register_aggregation = registrar(LOSS_AGGREGATIONS, "loss aggregation")
+register_kl_estimator = registrar(KL_ESTIMATORS, "KL estimator")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@register_aggregation("token-mean")
+def token_mean(loss_mat, mask, token_normalizer=None, **_) -> torch.Tensor:
+    """Sum over all valid tokens / number of valid tokens (DAPO's default)."""
+    denom = mask.sum().clamp_min(1.0) if token_normalizer is None else token_normalizer
+    return (loss_mat * mask).sum() / denom
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(loss_mat, mask, seq_normalizer=None, **_) -> torch.Tensor:
+    """Mean over sequences of each sequence's token mean (the original GRPO)."""
+    n_seq = loss_mat.shape[0] if seq_normalizer is None else seq_normalizer
+    return ((loss_mat * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() / n_seq
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(loss_mat, mask, seq_normalizer=None, norm_constant=None, **_) -> torch.Tensor:
+    """Dr.GRPO: mean over sequences of (token sum / a constant).  The constant must not depend on the
+    batch (Dr.GRPO and verl use the generation budget, ``max_new_tokens``), so it is required."""
+    if norm_constant is None:
+        raise ValueError("loss aggregation 'seq-mean-token-sum-norm' needs norm_constant (the generation budget, "
+                         "rollout.max_new_tokens), not the batch's padded width")
+    n_seq = loss_mat.shape[0] if seq_normalizer is None else seq_normalizer
+    return ((loss_mat * mask).sum(-1) / norm_constant).sum() / n_seq
 
 
 def aggregate_loss(
@@ -26,40 +58,31 @@ def aggregate_loss(
     seq_normalizer: float | None = None,
     norm_constant: float | None = None,
 ) -> torch.Tensor:
-    """Reduce a [B, T] per-token loss to a scalar.
-
-    - ``token-mean``: sum over all valid tokens / number of valid tokens (DAPO's default).
-    - ``seq-mean-token-mean``: mean over sequences of each sequence's token mean (original GRPO).
-    - ``seq-mean-token-sum-norm``: mean over sequences of token sum / ``norm_constant``
-      (Dr.GRPO; the constant defaults to T, the padded generation length).
+    """Reduce a [B, T] per-token loss to a scalar with the aggregation ``mode`` (``LOSS_AGGREGATIONS``).
 
     ``token_normalizer`` / ``seq_normalizer`` replace the local token / sequence counts so that
     gradient accumulation over micro-batches reproduces the loss of the whole mini-batch.
     """
-    mask = mask.to(loss_mat.dtype)
-    if mode == "token-mean":
-        denom = mask.sum().clamp_min(1.0) if token_normalizer is None else token_normalizer
-        return (loss_mat * mask).sum() / denom
-    n_seq = loss_mat.shape[0] if seq_normalizer is None else seq_normalizer
-    if mode == "seq-mean-token-mean":
-        per_seq = (loss_mat * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
-        return per_seq.sum() / n_seq
-    if mode == "seq-mean-token-sum-norm":
-        constant = float(loss_mat.shape[-1]) if norm_constant is None else norm_constant
-        return ((loss_mat * mask).sum(-1) / constant).sum() / n_seq
-    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")
+    return lookup(LOSS_AGGREGATIONS, "loss aggregation", mode)(loss_mat, mask.to(loss_mat.dtype), token_normalizer=token_normalizer, seq_normalizer=seq_normalizer,
+              norm_constant=norm_constant)
+
+
+@register_kl_estimator("k1")
+def kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k1 = -log r with r = pi_ref / pi."""
+    return -log_ratio
+
+
+@register_kl_estimator("k3")
+def kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r (unbiased, always >= 0)."""
+    log_ratio = log_ratio.clamp(-20.0, 20.0)
+    return torch.exp(log_ratio) - 1.0 - log_ratio
 
 
 def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimators (Schulman, "Approximating KL divergence").
-    k1 = log r, k3 = (r - 1) - log r with r = pi_ref / pi  (unbiased, always >= 0)."""
-    log_ratio = ref_log_probs - log_probs
-    if kind == "k1":
-        return -log_ratio
-    if kind == "k3":
-        log_ratio = log_ratio.clamp(-20.0, 20.0)
-        return torch.exp(log_ratio) - 1.0 - log_ratio
-    raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
+    """Per-token KL(pi || pi_ref) estimators (Schulman, "Approximating KL divergence"), r = pi_ref / pi."""
+    return lookup(KL_ESTIMATORS, "KL estimator", kind)(ref_log_probs - log_probs)
 
 
 @dataclass
@@ -71,16 +94,19 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    norm_constant: float | None = None  # seq-mean-token-sum-norm (Dr.GRPO): the generation budget
 
     def __post_init__(self):
         if not (0 <= self.clip_ratio_low < 1 and self.clip_ratio_high >= 0):
             raise ValueError(f"bad clip ratios low={self.clip_ratio_low} high={self.clip_ratio_high}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
-        if self.agg_mode not in AGG_MODES:
-            raise ValueError(f"unknown loss aggregation {self.agg_mode!r}; choose one of {AGG_MODES}")
+        if self.agg_mode not in LOSS_AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {self.agg_mode!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+            raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; choose one of {sorted(KL_ESTIMATORS)}")
+        if self.agg_mode == "seq-mean-token-sum-norm" and not (self.norm_constant and self.norm_constant > 0):
+            raise ValueError("agg_mode 'seq-mean-token-sum-norm' needs norm_constant > 0 (the generation budget)")
 
 
 def ppo_clip_loss(
@@ -114,7 +140,8 @@ def ppo_clip_loss(
         dual = -advantages * cfg.dual_clip_c
         pg_mat = torch.where(advantages < 0, torch.minimum(pg_mat, dual), pg_mat)
 
-    agg = dict(mode=cfg.agg_mode, token_normalizer=token_normalizer, seq_normalizer=seq_normalizer)
+    agg = dict(mode=cfg.agg_mode, token_normalizer=token_normalizer, seq_normalizer=seq_normalizer,
+               norm_constant=cfg.norm_constant)
     loss = aggregate_loss(pg_mat, mask, **agg)
     stats: dict[str, float] = {"actor/pg_loss": float(loss.detach())}
 

@@ -37,6 +37,7 @@ __all__ = [
     "default_data_root",
     "load_problems",
     "reasoning_gym_problems",
+    "task_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,14 @@ class DatasetSpec:
 
 @dataclass
 class ProblemSet:
-    """A loaded set: ``rows`` (a ``datasets.Dataset`` with :data:`COLUMNS`) and the rows skipped as bad."""
+    """A loaded set: ``rows`` (a ``datasets.Dataset`` with :data:`COLUMNS`), the rows skipped as bad and
+    the ids removed as overlapping the training set."""
 
     name: str
     source: str
     rows: datasets.Dataset
     skipped: list[BadRow] = field(default_factory=list)
+    overlap_removed: list[str] = field(default_factory=list)  # ids dropped as seen in training (heldout.drop_seen)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -351,17 +354,22 @@ def load_problems(spec: DatasetSpec | str, **overrides) -> ProblemSet:
 
 
 def reasoning_gym_problems(task: str, size: int, seed: int, config: Mapping[str, Any] | None = None) -> ProblemSet:
-    """A reasoning-gym task as a problem set; ``gold_entry`` keeps each item's metadata for its scorer."""
+    """A reasoning-gym task as a problem set (item seeds ``seed .. seed + size - 1``, no role: sets of nearby
+    seeds share items; :func:`hicra_rl.data.heldout.heldout_task_problems` draws held-out sets);
+    ``gold_entry`` keeps each item's metadata for its scorer."""
     from hicra_rl.rewards.tasks import generate_task_items
 
     items = generate_task_items(task, size, seed, config)
     name = items[0].task
-    records = []
-    for item in items:
-        try:
-            entry = json.dumps({"answer": item.answer, "metadata": item.metadata})
-        except TypeError as exc:
-            raise ValueError(f"{name} item {item.index}: metadata is not JSON-serialisable: {exc}") from exc
-        records.append({"id": f"{name}-s{seed}-{item.index}", "problem": item.question, "answer": item.answer,
-                        "task": name, "subject": None, "level": None, "gold_entry": entry})
+    records = [task_record(item, f"{name}-s{seed}-{item.index}") for item in items]
     return _finish(name, f"{name}(size={size}, seed={seed}, config={dict(config or {})})", records, [])
+
+
+def task_record(item, row_id: str) -> dict[str, Any]:
+    """A reasoning-gym :class:`~hicra_rl.rewards.tasks.TaskItem` as a row of the common schema."""
+    try:
+        entry = json.dumps({"answer": item.answer, "metadata": item.metadata})
+    except TypeError as exc:
+        raise ValueError(f"{item.task} item {item.index}: metadata is not JSON-serialisable: {exc}") from exc
+    return {"id": row_id, "problem": item.question, "answer": item.answer, "task": item.task,
+            "subject": None, "level": None, "gold_entry": entry}

@@ -1,7 +1,23 @@
-"""From a ``DataConfig`` to tokenised prompts (the glue between the config schema and hicra_rl.data)."""
+"""From a ``DataConfig`` to tokenised prompts (the glue between the config schema and hicra_rl.data).
+
+Callers say which role a set plays (see :mod:`hicra_rl.data.heldout`):
+
+- ``role="train"``: RL training (``hicra-train``'s ``data``);
+- ``role="cold_start"``: the SFT warm-up (``hicra-sft``'s ``data``);
+- ``role="eval"``: evaluation (``hicra-train``'s ``eval_data``, ``hicra-eval``'s ``data``).
+
+``split`` keeps its meaning, the published split a file/hub source reads (GSM8K: train or test; MATH-500 is
+test only; DAPO-Math-17k and DeepScaleR are train only); a role that contradicts it is refused (no training
+on a test split, no evaluation on a train split).  For reasoning-gym the role picks the item-seed block and
+the share of the problem space, so the three roles never share a problem, whatever the run seed.  The same
+run seed may (and should) be passed for every role.  ``role=None`` infers it from the split (test -> eval,
+otherwise train).  ``exclude=`` (e.g. the training set) drops every problem whose normalised text it holds,
+logging the count.
+"""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from hicra_rl.data.datasets import (
     DatasetSpec,
@@ -9,8 +25,8 @@ from hicra_rl.data.datasets import (
     ProblemSet,
     builtin_spec,
     load_problems,
-    reasoning_gym_problems,
 )
+from hicra_rl.data.heldout import check_split, drop_seen, heldout_task_problems
 from hicra_rl.data.prompts import PromptConfig, PromptSet, build_prompts
 
 log = logging.getLogger(__name__)
@@ -18,17 +34,51 @@ log = logging.getLogger(__name__)
 BUILTINS = {"gsm8k": None, "math500": "math500", "dapo_math_17k": "dapo_math_17k", "deepscaler": "deepscaler"}
 
 
-def load_problem_set(cfg, seed: int) -> ProblemSet:
-    """``cfg`` is a :class:`hicra_rl.config.DataConfig`."""
+def data_split(cfg) -> str:
+    """The split ``cfg`` really reads: fixed for MATH-500 (test) and DAPO-Math-17k / DeepScaleR (train)."""
+    if cfg.source == "math500":
+        return "test"
+    if cfg.source in ("dapo_math_17k", "deepscaler"):
+        return "train"
+    if cfg.source == "gsm8k":
+        split = "test" if cfg.split == "test" else "train"
+        stem = Path(cfg.path).stem if cfg.path else ""
+        if stem in ("train", "test") and stem != split:
+            raise ValueError(f"data {cfg.name!r}: split {cfg.split!r} but data.path {cfg.path} is the GSM8K {stem} "
+                             "file (drop data.path to use the split's shipped file)")
+        return split
+    return cfg.split
+
+
+def resolve_role(cfg, role: str | None) -> str:
+    """``role``, checked against the split; None -> "eval" for a test split, else "train"."""
+    split = data_split(cfg)
+    role = role or ("eval" if split == "test" else "train")
+    check_split(role, split, f"data {cfg.name!r} (source {cfg.source}, split {split})")
+    return role
+
+
+def load_problem_set(cfg, seed: int, role: str | None = None, exclude=None) -> ProblemSet:
+    """``cfg`` is a :class:`hicra_rl.config.DataConfig`; ``role`` one of train / cold_start / eval;
+    ``exclude`` a set whose problems are removed (see :func:`hicra_rl.data.heldout.drop_seen`)."""
+    role = resolve_role(cfg, role)
+    problems = _load(cfg, seed, role)
+    log.info("%s: %d problems for role %s (%s)", cfg.name, len(problems), role, problems.source)
+    if exclude is not None:
+        problems = drop_seen(problems, exclude, f"{cfg.name} ({role})")
+    return problems
+
+
+def _load(cfg, seed: int, role: str) -> ProblemSet:
     if cfg.source == "reasoning_gym":
         if not cfg.task:
             raise ValueError("data.task must name a reasoning-gym task when data.source=reasoning_gym")
-        return reasoning_gym_problems(cfg.task, cfg.size, seed, dict(cfg.task_config))
+        return heldout_task_problems(cfg.task, cfg.size, seed, role, dict(cfg.task_config))
     overrides = {"on_bad_row": cfg.on_bad_row}
     if cfg.fields:
         overrides["fields"] = FieldMap(**dict(cfg.fields))
     if cfg.source in BUILTINS:
-        name = BUILTINS[cfg.source] or f"gsm8k_{'test' if cfg.split == 'test' else 'train'}"
+        name = BUILTINS[cfg.source] or f"gsm8k_{data_split(cfg)}"
         spec = builtin_spec(name, path=cfg.path, **overrides)
     elif cfg.source in ("file", "jsonl", "parquet", "disk"):
         if not cfg.path:
@@ -42,13 +92,14 @@ def load_problem_set(cfg, seed: int) -> ProblemSet:
     if problems.n_skipped:
         log.warning("%s: skipped %d bad rows (on_bad_row=skip), first: %s", cfg.name, problems.n_skipped,
                     problems.skipped[0])
-    if cfg.size and cfg.source != "reasoning_gym" and len(problems) > cfg.size:
+    if cfg.size and len(problems) > cfg.size:
         problems.rows = problems.rows.select(range(cfg.size))
     return problems
 
 
-def load_prompts(cfg, tokenizer, seed: int) -> tuple[ProblemSet, PromptSet]:
-    problems = load_problem_set(cfg, seed)
+def load_prompts(cfg, tokenizer, seed: int, role: str | None = None, exclude=None) -> tuple[ProblemSet, PromptSet]:
+    """The problems (see :func:`load_problem_set`) and their chat prompts."""
+    problems = load_problem_set(cfg, seed, role, exclude)
     pcfg = PromptConfig(system=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
                         on_too_long="skip" if cfg.on_bad_row == "skip" else "error")
     prompts = build_prompts(tokenizer, problems.rows, pcfg)

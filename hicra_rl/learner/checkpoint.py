@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hicra_rl.iofiles import fsync_dir, write_text_atomic
+
 MANIFEST = "checkpoint.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -46,25 +48,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fsync_dir(Path(dirpath))
 
 
 def rng_state() -> dict:
@@ -89,7 +73,7 @@ def save_hf_model(learner, out_dir: Path) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     learner.engine.module.save_pretrained(out_dir, state_dict=state)
-    src = Path(learner.cfg.model_path)
+    src = Path(learner.model_path)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out_dir / name)
@@ -134,8 +118,8 @@ def save_checkpoint(learner, run_dir: str | os.PathLike, step: int, extra: dict 
             shutil.rmtree(trash)
         else:
             os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        _write_text_atomic(run_dir / LATEST, final.name + "\n")
+        fsync_dir(run_dir)
+        write_text_atomic(run_dir / LATEST, final.name + "\n")
         if keep_last is not None:
             prune_checkpoints(run_dir, keep_last)
     learner.barrier()

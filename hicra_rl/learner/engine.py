@@ -2,8 +2,10 @@
 
 No Ray in here: an actor shell owns one ``PolicyLearner`` per rank and passes it its rank, the world
 size and the rendezvous address.  The maths lives in ``hicra_rl.algo`` (chunked log-probs, the
-PPO-clip / clip-higher loss); this module only adds micro-batching, gradient accumulation across
-micro-batches and ranks, and the optimizer step.
+PPO-clip / clip-higher loss); this module adds the one gradient path every objective uses
+(:meth:`PolicyLearner.gradient_step`): micro-batches, the global token / sequence normalisers,
+world-size scaling, gradient accumulation, clipping and the optimizer step.  RL (``update``) and the
+supervised cold start (``hicra-sft``) both call it with their own loss function.
 
 Gradient accumulation (the invariant the tests check): each micro-batch loss is aggregated with the
 mini-batch's GLOBAL token / sequence counts (all ranks), so the sum of the micro-batch losses over
@@ -17,8 +19,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from datetime import timedelta
 
 import numpy as np
@@ -26,71 +28,37 @@ import torch
 
 from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
-from hicra_rl.learner.sequences import gather_response, response_layout_mask, response_spans
+from hicra_rl.batch import response_layout_mask
+from hicra_rl.config import LearnerConfig, check_learner_config
+from hicra_rl.learner.sequences import gather_response, response_spans
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SCHEDULERS = ("constant", "cosine")
-OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# Stats summed over micro-batches (each already normalised by the global counts) ...
-_SUMMED = ("actor/pg_loss", "actor/kl_ref", "actor/loss")
-# ... and stats that are token means of their micro-batch, re-weighted by its token count.
+# PPO stats that are token means of their micro-batch (re-weighted by its token count); the loss terms
+# are already normalised by the global counts and are summed.
 _TOKEN_WEIGHTED = ("actor/clipfrac", "actor/clipfrac_low", "actor/clipfrac_high", "actor/approx_kl", "actor/entropy")
 
 
 @dataclass
-class LearnerConfig:
-    model_path: str
-    zero_stage: int = 2
-    dtype: str = "fp32"                   # "fp32" (CPU) | "bf16" (GPU)
-    optimizer: str = "torch_adamw"        # torch AdamW (no JIT build) | DeepSpeed's fused/CPU Adam (GPU)
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    lr_scheduler: str = "constant"        # "constant" | "cosine", both after a linear warmup
-    warmup_steps: int = 0
-    total_steps: int | None = None        # optimizer steps; required by "cosine"
-    min_lr_ratio: float = 0.0             # cosine floor as a fraction of lr
-    max_grad_norm: float = 1.0            # <= 0 disables clipping
-    micro_batch_size: int = 4             # sequences per forward/backward on one rank
-    num_mini_batches: int = 1             # optimizer steps per epoch over a rank's batch
-    ppo_epochs: int = 1
-    gradient_checkpointing: bool = False
-    logprob_chunk_size: int = 1024
-    logits_temperature: float = 1.0       # the sampler's temperature: log-probs of pi(.)^(1/T)
-    seed: int = 0
-    use_reference_model: bool = False     # a frozen copy of the initial policy for the KL term
-    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+class MicroBatch:
+    """What a loss function sees of one micro-batch: the current policy's log-probs and entropy (with
+    gradient) and the loss mask, in the response layout [b, W] on the learner's device."""
 
-    def __post_init__(self):
-        if isinstance(self.loss, Mapping):
-            self.loss = PolicyLossConfig(**self.loss)
-        self.betas = tuple(float(b) for b in self.betas)
-        problems = []
-        if self.zero_stage not in (0, 1, 2, 3):
-            problems.append(f"zero_stage must be 0..3, got {self.zero_stage}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_scheduler not in SCHEDULERS:
-            problems.append(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
-        if self.lr_scheduler == "cosine" and not self.total_steps:
-            problems.append("lr_scheduler 'cosine' needs total_steps")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        for name in ("micro_batch_size", "num_mini_batches", "ppo_epochs", "logprob_chunk_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.logits_temperature <= 0:
-            problems.append(f"logits_temperature must be > 0, got {self.logits_temperature}")
-        if self.loss.kl_coef != 0 and not self.use_reference_model:
-            problems.append("loss.kl_coef != 0 needs use_reference_model=True")
-        if problems:
-            raise ValueError("LearnerConfig: " + "; ".join(problems))
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor            # 0/1 float: tokens that count in the loss
+    rows: slice                   # rows of the mini-batch this micro-batch holds
+    token_normalizer: float       # valid tokens of the whole mini-batch, all ranks
+    seq_normalizer: float         # sequences of the whole mini-batch, all ranks
+    device: torch.device
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This micro-batch's rows of a mini-batch tensor, on the device."""
+        return None if t is None else t[self.rows].to(self.device)
+
+
+# loss_fn(micro_batch) -> (loss, stats summed over micro-batches, stats that are token means)
+LossFn = Callable[[MicroBatch], tuple[torch.Tensor, dict[str, float], dict[str, float]]]
 
 
 @dataclass
@@ -173,12 +141,27 @@ class PolicyLearner:
     with batches of the same size.
     """
 
-    def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
-                 master_port: int = 29500, local_rank: int = 0, timeout_s: float = 600.0):
+    def __init__(self, cfg: LearnerConfig, *, model_path: str, dtype: str = "float32",
+                 loss: PolicyLossConfig | None = None, logits_temperature: float = 1.0, seed: int = 0,
+                 total_steps: int | None = None, gradient_checkpointing: bool = False, rank: int = 0,
+                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 local_rank: int = 0, timeout_s: float = 600.0):
+        """``cfg`` is the run's ``learner`` config; the rest comes from the other config groups: the
+        model (path, dtype, gradient checkpointing), the algorithm (``loss``), the sampler's
+        temperature (log-probs of pi^(1/T)) and the number of optimizer steps (cosine schedule)."""
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        self.cfg = cfg
+        check_learner_config(cfg)
+        if dtype not in DTYPES:
+            raise ValueError(f"learner dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if cfg.scheduler == "cosine" and not total_steps:
+            raise ValueError("learner.scheduler 'cosine' needs total_steps (optimizer steps)")
+        if logits_temperature <= 0:
+            raise ValueError(f"logits_temperature must be > 0, got {logits_temperature}")
+        self.cfg, self.model_path, self.dtype = cfg, model_path, dtype
+        self.loss_cfg = loss or PolicyLossConfig()
+        self.logits_temperature = logits_temperature
         self.rank, self.world_size = rank, world_size
         on_gpu = torch.cuda.is_available()
         if on_gpu:
@@ -186,19 +169,19 @@ class PolicyLearner:
         self.device = torch.device(f"cuda:{local_rank}" if on_gpu else "cpu")
         init_distributed(rank, world_size, master_addr, master_port, "nccl" if on_gpu else "gloo",
                          timeout_s, local_rank)
-        seed_everything(cfg.seed)
+        seed_everything(seed)
 
         self.ds_config = self._deepspeed_config()
-        dtype = DTYPES[cfg.dtype]
+        torch_dtype = DTYPES[dtype]
         # Loaded whole on every rank (CPU memory); ZeRO-3 partitions it in deepspeed.initialize.
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         model.config.use_cache = False
-        if cfg.gradient_checkpointing:
+        if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tied_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
 
         optimizer = self._torch_optimizer(model) if cfg.optimizer == "torch_adamw" else None
-        lr_factor = _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio)
+        lr_factor = _lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             model_parameters=None if optimizer is not None else model.parameters(),
@@ -207,8 +190,8 @@ class PolicyLearner:
         self.engine.train()
 
         self.ref_engine = None
-        if cfg.use_reference_model:
-            ref = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        if self.loss_cfg.kl_coef != 0:  # a frozen copy of the initial policy for the KL term
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
             ref.config.use_cache = False
             ref.requires_grad_(False)
             ref_config = {**self.ds_config, "zero_optimization": {"stage": 3 if cfg.zero_stage == 3 else 0}}
@@ -224,14 +207,14 @@ class PolicyLearner:
             "gradient_accumulation_steps": 1,  # the learner marks accumulation boundaries itself
             "gradient_clipping": max(cfg.max_grad_norm, 0.0),
             "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": cfg.dtype == "bf16"},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
         if cfg.optimizer == "deepspeed_adamw":
             ds["optimizer"] = {"type": "AdamW", "params": {
-                "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}}
+                "lr": cfg.lr, "betas": [float(b) for b in cfg.betas], "eps": cfg.eps, "weight_decay": cfg.weight_decay}}
         return ds
 
     def _torch_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -242,7 +225,7 @@ class PolicyLearner:
                 (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr, betas=self.cfg.betas,
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr, betas=tuple(self.cfg.betas),
                                  eps=self.cfg.eps)
 
     # ------------------------------------------------------------------ helpers
@@ -273,8 +256,8 @@ class PolicyLearner:
         # logits at positions first-1 .. end-2 predict the tokens at first .. end-1
         logits = module(input_ids=ids, attention_mask=am, use_cache=False,
                         logits_to_keep=end - first + 1).logits[:, :-1]
-        if self.cfg.logits_temperature != 1.0:
-            logits = logits / self.cfg.logits_temperature
+        if self.logits_temperature != 1.0:
+            logits = logits / self.logits_temperature
         logp, ent = logprobs_and_entropy(logits, ids[:, first:end], self.cfg.logprob_chunk_size)
         starts, lengths = starts.to(self.device), lengths.to(self.device)
         return (gather_response(logp, starts, lengths, width, offset=first),
@@ -310,11 +293,11 @@ class PolicyLearner:
     def compute_ref_log_probs(self, input_ids, attention_mask, response_mask, width: int | None = None):
         """log-probs of the frozen reference policy per response token, [B, width]."""
         if self.ref_engine is None:
-            raise RuntimeError("compute_ref_log_probs needs LearnerConfig.use_reference_model=True")
+            raise RuntimeError("compute_ref_log_probs needs a reference model (loss kl_coef != 0)")
         return self._log_probs_with(self.ref_engine, input_ids, attention_mask, response_mask, width)[0]
 
     def update(self, batch: PolicyBatch | Mapping) -> dict[str, float]:
-        """``ppo_epochs`` x ``num_mini_batches`` optimizer steps over this rank's batch.
+        """``ppo_epochs`` x ``mini_batches_per_step`` PPO-clip optimizer steps over this rank's batch.
 
         Returns the step-averaged global stats (identical on every rank): pg_loss, the total loss,
         clip fractions, approx-KL to the old policy, entropy, KL to the reference, grad norm (before
@@ -327,28 +310,28 @@ class PolicyLearner:
             raise ValueError(f"old_log_probs {tuple(batch.old_log_probs.shape)} != advantages {(b, width)}")
         if batch.input_ids.shape[0] != b:
             raise ValueError(f"input_ids has {batch.input_ids.shape[0]} rows, advantages {b}")
-        if b % cfg.num_mini_batches:
-            raise ValueError(f"{b} sequences do not split into {cfg.num_mini_batches} mini-batches")
-        self._check_same_batch_size(b)
-        starts, lengths = response_spans(batch.response_mask, batch.attention_mask)
+        if b % cfg.mini_batches_per_step:
+            raise ValueError(f"{b} sequences do not split into {cfg.mini_batches_per_step} mini-batches")
+        _, lengths = response_spans(batch.response_mask, batch.attention_mask)
         if int(lengths.max()) > width:
             raise ValueError(f"advantages have {width} columns, the longest response has {int(lengths.max())}")
-        mask = response_layout_mask(lengths, width)
-        if batch.loss_mask is not None:
-            mask = mask * batch.loss_mask.float()
-        if cfg.loss.kl_coef != 0 and batch.ref_log_probs is None:
+        if self.loss_cfg.kl_coef != 0 and batch.ref_log_probs is None:
             batch.ref_log_probs = self.compute_ref_log_probs(batch.input_ids, batch.attention_mask,
                                                              batch.response_mask, width)
 
-        mini = b // cfg.num_mini_batches
+        mini = b // cfg.mini_batches_per_step
         self.step_stats = []
         t0 = time.perf_counter()
         tokens = 0.0
         for _ in range(cfg.ppo_epochs):
-            for m in range(cfg.num_mini_batches):
-                rows = slice(m * mini, (m + 1) * mini)
-                self.step_stats.append(self._optimizer_step(batch.rows(rows), starts[rows], lengths[rows], mask[rows]))
-                tokens += float(batch.attention_mask[rows].sum())
+            for m in range(cfg.mini_batches_per_step):
+                part = batch.rows(slice(m * mini, (m + 1) * mini))
+                out = self.gradient_step(part.input_ids, part.attention_mask, part.response_mask,
+                                         self._ppo_loss_fn(part), loss_mask=part.loss_mask, width=width)
+                out["actor/grad_norm"] = out.pop("grad_norm")
+                out["actor/n_tokens"] = out.pop("n_tokens")
+                self.step_stats.append(out)
+                tokens += float(part.attention_mask.sum())
         elapsed = time.perf_counter() - t0
         stats = {k: float(np.mean([s[k] for s in self.step_stats])) for k in self.step_stats[0]}
         stats["actor/lr"] = float(self.lr_scheduler.get_last_lr()[0])
@@ -357,52 +340,81 @@ class PolicyLearner:
         stats["perf/tokens_per_s"] = self._all_reduce_sum([tokens])[0] / max(elapsed, 1e-9)
         return stats
 
-    def _optimizer_step(self, mb_batch: PolicyBatch, starts, lengths, mask) -> dict[str, float]:
-        """Forward/backward over the micro-batches of one mini-batch, then one optimizer step."""
-        cfg, engine = self.cfg, self.engine
+    def _ppo_loss_fn(self, part: PolicyBatch) -> LossFn:
+        """The PPO-clip / clip-higher loss of one mini-batch (``hicra_rl.algo.losses``)."""
+
+        def loss_fn(mb: MicroBatch):
+            loss, st = ppo_clip_loss(mb.log_probs, mb.take(part.old_log_probs), mb.take(part.advantages), mb.mask,
+                                     self.loss_cfg, entropy=mb.entropy, ref_log_probs=mb.take(part.ref_log_probs),
+                                     token_normalizer=mb.token_normalizer, seq_normalizer=mb.seq_normalizer)
+            summed = {"actor/loss": float(loss.detach()), "actor/pg_loss": st["actor/pg_loss"]}
+            if "actor/kl_ref" in st:
+                summed["actor/kl_ref"] = st["actor/kl_ref"]
+            return loss, summed, {k: st[k] for k in _TOKEN_WEIGHTED if k in st}
+
+        return loss_fn
+
+    def gradient_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                      loss_fn: LossFn, *, loss_mask: torch.Tensor | None = None,
+                      width: int | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch: forward/backward over micro-batches of
+        ``micro_batch_size`` with ``loss_fn``, global normalisers, world-size scaling, accumulation,
+        gradient clipping.  Collective.
+
+        Returns the stats all-reduced over ranks: ``loss_fn``'s summed stats, its token-mean stats
+        (weighted by each micro-batch's token count), ``grad_norm`` (before clipping) and ``n_tokens``.
+        """
+        engine = self.engine
+        self._check_same_batch_size(input_ids.shape[0])
+        starts, lengths = response_spans(response_mask, attention_mask)
+        width = int(lengths.max()) if width is None else width
+        if int(lengths.max()) > width:
+            raise ValueError(f"width {width} is shorter than the longest response ({int(lengths.max())})")
+        mask = response_layout_mask(lengths, width)
+        if loss_mask is not None:
+            mask = mask * loss_mask.float()
         n_tok, n_seq = self._all_reduce_sum([float(mask.sum()), float(mask.shape[0])])
-        sums = dict.fromkeys(_SUMMED, 0.0)
-        weighted = dict.fromkeys(_TOKEN_WEIGHTED, 0.0)
-        n = mask.shape[0]
-        mb = cfg.micro_batch_size
-        for s in range(0, n, mb):
-            e = min(n, s + mb)
-            logp, ent = self._response_log_probs(engine, mb_batch.input_ids[s:e], mb_batch.attention_mask[s:e],
-                                                 starts[s:e], lengths[s:e], mask.shape[1])
-            rows = slice(s, e)
-            loss, st = ppo_clip_loss(logp, self._rows_on_device(mb_batch.old_log_probs, rows),
-                                     self._rows_on_device(mb_batch.advantages, rows),
-                                     self._rows_on_device(mask, rows), cfg.loss, entropy=ent,
-                                     ref_log_probs=self._rows_on_device(mb_batch.ref_log_probs, rows),
-                                     token_normalizer=n_tok, seq_normalizer=n_seq)
+        summed: dict[str, float] = {}
+        weighted: dict[str, float] = {}
+        n, mb_size = mask.shape[0], self.cfg.micro_batch_size
+        for s in range(0, n, mb_size):
+            e = min(n, s + mb_size)
+            logp, ent = self._response_log_probs(engine, input_ids[s:e], attention_mask[s:e], starts[s:e],
+                                                 lengths[s:e], width)
+            mb_mask = mask[s:e].to(self.device)
+            mb = MicroBatch(logp, ent, mb_mask, slice(s, e), n_tok, n_seq, self.device)
+            loss, mb_summed, mb_means = loss_fn(mb)
             engine.set_gradient_accumulation_boundary(e == n)
             # DeepSpeed averages over ranks; the normalisers are global, so undo the average.
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            sums["actor/loss"] += float(loss.detach())
-            sums["actor/pg_loss"] += st["actor/pg_loss"]
-            sums["actor/kl_ref"] += st.get("actor/kl_ref", 0.0)
-            for k in _TOKEN_WEIGHTED:
-                weighted[k] += st[k] * st["actor/n_tokens"]
+            mb_tokens = float(mb_mask.sum())
+            for k, v in mb_summed.items():
+                summed[k] = summed.get(k, 0.0) + v
+            for k, v in mb_means.items():
+                weighted[k] = weighted.get(k, 0.0) + v * mb_tokens
         grad_norm = self._local_grad_norm() if self._needs_own_grad_norm() else None
         engine.step()
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        totals = self._all_reduce_sum([sums[k] for k in _SUMMED] + [weighted[k] for k in _TOKEN_WEIGHTED])
-        out = dict(zip(_SUMMED, totals[:len(_SUMMED)]))
-        out.update({k: v / max(n_tok, 1.0) for k, v in zip(_TOKEN_WEIGHTED, totals[len(_SUMMED):])})
-        if cfg.loss.kl_coef == 0:
-            out.pop("actor/kl_ref")
-        out["actor/grad_norm"] = grad_norm
-        out["actor/n_tokens"] = n_tok
+        keys_summed, keys_weighted = sorted(summed), sorted(weighted)
+        totals = self._all_reduce_sum([summed[k] for k in keys_summed] + [weighted[k] for k in keys_weighted])
+        out = dict(zip(keys_summed, totals[:len(keys_summed)]))
+        out.update({k: v / max(n_tok, 1.0) for k, v in zip(keys_weighted, totals[len(keys_summed):])})
+        out["grad_norm"] = grad_norm
+        out["n_tokens"] = n_tok
         return out
 
-    def _rows_on_device(self, t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-        return None if t is None else t[rows].to(self.device)
+    def broadcast_from_rank0(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (collective): decisions such as "stop now" must agree."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.broadcast(t, src=0)
+        return float(t.item())
 
     def _needs_own_grad_norm(self) -> bool:
         # Plain data parallel in fp32 clips with torch's clip_grad_norm_ and does not keep the norm.
-        return self.cfg.zero_stage == 0 and self.cfg.dtype == "fp32"
+        return self.cfg.zero_stage == 0 and self.dtype == "float32"
 
     def _local_grad_norm(self) -> float:
         """Norm of the (already all-reduced, identical on every rank) full gradients."""

@@ -71,9 +71,3 @@ def gather_response(values: torch.Tensor, starts: torch.Tensor, lengths: torch.T
     index = (starts[:, None] - offset + cols).clamp(0, values.shape[1] - 1)
     out = values.gather(1, index)
     return out * (cols < lengths[:, None]).to(out.dtype)
-
-
-def response_layout_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] 0/1 float mask of the valid response-layout columns."""
-    cols = torch.arange(width, device=lengths.device)[None, :]
-    return (cols < lengths[:, None]).float()

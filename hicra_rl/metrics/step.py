@@ -19,14 +19,39 @@ def following_ngram(text: str, end: int, n: int = 3) -> str | None:
 
 
 def maximal_occurrences(occurrences: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Drop SG occurrences whose span lies inside another occurrence's span ("the total number" inside
-    "the total number of"), so one strategic move counts once in the SG frequency distribution."""
-    out = []
-    for i, (s, e, ng) in enumerate(occurrences):
-        inside = any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for j, (s2, e2, _) in enumerate(occurrences) if j != i)
-        if not inside:
+    """Merge SG occurrences whose character spans overlap, transitively, into one occurrence, so one
+    strategic move counts once in the SG frequency distribution: nested ("the total number" inside
+    "the total number of") and partly overlapping ("so the final answer is" / "final answer is boxed")
+    alike. Spans are half-open ``[start, end)``, so touching spans stay apart. A merged run spans from
+    its first start to its last end and is labelled by its longest gram (most characters; ties: the
+    earliest start, then the first listed). Sorted by start."""
+    out: list[tuple[int, int, str]] = []
+    label_len = 0
+    for s, e, ng in sorted(occurrences, key=lambda o: o[0]):
+        if out and s < out[-1][1]:
+            run_start, run_end, label = out[-1]
+            if e - s > label_len:
+                label, label_len = ng, e - s
+            out[-1] = (run_start, max(run_end, e), label)
+        else:
             out.append((s, e, ng))
+            label_len = e - s
     return out
+
+
+def strategy_usage(
+    sg_occurrences: list[list[tuple[int, int, str]]], gram_clusters: dict[str, int]
+) -> dict[str, float]:
+    """Share of responses that use each strategy cluster: ``strategy/cluster=<id>`` = fraction of the
+    responses with at least one occurrence of any gram of the cluster (the rollout-side analogue of the
+    miner's Cluster-DF). Every cluster of ``gram_clusters`` gets a key (0 when unused); grams without a
+    cluster are ignored. NaN for every cluster when there is no response."""
+    used = [{gram_clusters[ng] for _, _, ng in occ if ng in gram_clusters} for occ in sg_occurrences]
+    n = len(used)
+    return {
+        f"strategy/cluster={c}": (sum(c in u for u in used) / n if n else math.nan)
+        for c in sorted(set(gram_clusters.values()))
+    }
 
 
 def step_metrics(
@@ -44,9 +69,12 @@ def step_metrics(
     token_log_probs: torch.Tensor,
     rel_ppl: RelativePerplexity,
     pass_k: int,
+    gram_clusters: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Semantic entropy, planning/execution token entropy and (relative) perplexity, reward,
-    accuracy, Pass@k over each prompt's G samples, response length and the planning-token share."""
+    accuracy, Pass@k over each prompt's G samples, response length and the planning-token share;
+    with ``gram_clusters`` (SG -> cluster id, e.g. ``Lexicon.cluster_of``) also the share of
+    responses using each strategy cluster (:func:`strategy_usage`)."""
     out: dict[str, float] = {}
     out["reward/mean"] = float(np.mean(rewards)) if rewards else math.nan
     out["reward/accuracy"] = float(np.mean(correct)) if correct else math.nan
@@ -63,6 +91,8 @@ def step_metrics(
     out["response/length_max"] = float(np.max(response_lengths))
     out["response/truncated_frac"] = float(np.mean([r == "length" for r in finish_reasons]))
 
+    if gram_clusters is not None:
+        out.update(strategy_usage(sg_occurrences, gram_clusters))
     sg_occurrences = [maximal_occurrences(occ) for occ in sg_occurrences]
     used = [[ng for _, _, ng in occ] for occ in sg_occurrences]
     out["strategic/semantic_entropy"] = semantic_entropy(used)

@@ -1,6 +1,6 @@
 """``hicra-sg``: mine, inspect and apply Strategic-Gram lexicons.
 
-hicra-sg mine --corpus ../shared/data/gsm8k/train.jsonl --out lexicon.json [--add-paper-sgs]
+hicra-sg mine --corpus ../shared/data/gsm8k/train.jsonl --out lexicon.json [--add-paper-sgs] [--max-doc-frac 0.9]
 hicra-sg show lexicon.json
 hicra-sg find --lexicon lexicon.json "Let's try a different approach: first find the total."
 """
@@ -87,6 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the N most frequent candidates; 0 = no limit (default: %(default)s)",
     )
     mine.add_argument(
+        "--max-doc-frac",
+        type=float,
+        default=defaults.max_doc_frac,
+        help="drop candidate n-grams found in more than this fraction of the solutions, e.g. a fixed "
+        "answer template (not in the paper, which keeps all; default: keep all)",
+    )
+    mine.add_argument(
         "--distance-threshold",
         type=float,
         default=defaults.distance_threshold,
@@ -128,6 +135,7 @@ def _mine(args: argparse.Namespace, argv: list[str]) -> int:
         n_max=args.ngram_max,
         min_df=args.min_df,
         max_candidates=args.max_candidates or None,
+        max_doc_frac=args.max_doc_frac,
         drop_arithmetic=not args.keep_arithmetic,
         strip_gsm8k_markup=not args.no_strip_gsm8k,
         model=args.model,

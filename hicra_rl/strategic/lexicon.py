@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hicra_rl.iofiles import write_text_atomic
 from hicra_rl.strategic.text import normalise_ngram
 
 LEXICON_FORMAT = "hicra-sg-lexicon/1"
@@ -136,17 +136,7 @@ class Lexicon:
         entries = ",\n".join("  " + json.dumps(e, ensure_ascii=False) for e in data["entries"])
         metadata = json.dumps(data["metadata"], indent=1, ensure_ascii=False).replace("\n", "\n ")
         text = f'{{\n "format": {json.dumps(data["format"])},\n "metadata": {metadata},\n "entries": [\n{entries}\n ]\n}}\n'
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, text)
 
 
 def _is_int(value: Any) -> bool:

@@ -9,6 +9,9 @@ Pipeline, deterministic for a given corpus, model and config:
    one-letter word other than "a"/"i", e.g. the "x" of "0.2 x 50");
 3. keep candidates by document frequency (DF = number of distinct solutions containing the
    n-gram): ``DF >= min_df`` and the ``max_candidates`` most frequent (ties by n-gram);
+   optionally (``max_doc_frac``, not in the paper, which keeps all) first drop near-universal
+   n-grams, ``DF > max_doc_frac * solutions``: a phrase every solution contains, such as a fixed
+   answer template, marks no strategy choice;
 4. embed the candidates with a sentence-transformer and cluster them (agglomerative, cosine
    distance, average linkage, ``distance_threshold``);
 5. Cluster-DF(c) = number of distinct solutions containing any member of cluster c;
@@ -63,6 +66,7 @@ class MiningConfig:
     n_max: int = 5
     min_df: int = 5
     max_candidates: int | None = 1000
+    max_doc_frac: float | None = None  # None: keep every DF, as the paper does
     drop_arithmetic: bool = True
     strip_gsm8k_markup: bool = True
     model: str | None = None  # None: the packaged all-MiniLM-L6-v2
@@ -79,6 +83,8 @@ class MiningConfig:
             raise ValueError(f"min_df must be >= 1, got {self.min_df}")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1 or None, got {self.max_candidates}")
+        if self.max_doc_frac is not None and not 0 < self.max_doc_frac <= 1:
+            raise ValueError(f"max_doc_frac must be in (0, 1] or None, got {self.max_doc_frac}")
         if not 0 < self.top_frac <= 1:
             raise ValueError(f"top_frac must be in (0, 1], got {self.top_frac}")
         if not 0 < self.distance_threshold < 2:
@@ -114,10 +120,24 @@ def solution_ngrams(text: str, config: MiningConfig) -> set[str]:
     return grams
 
 
-def select_candidates(doc_freq: Counter, min_df: int, max_candidates: int | None) -> list[str]:
-    """N-grams with ``DF >= min_df``, most frequent first (ties: alphabetical), at most ``max_candidates``."""
-    ranked = sorted((g for g, df in doc_freq.items() if df >= min_df), key=lambda g: (-doc_freq[g], g))
+def select_candidates(
+    doc_freq: Counter, min_df: int, max_candidates: int | None, max_df: float | None = None
+) -> list[str]:
+    """N-grams with ``min_df <= DF`` (and ``DF <= max_df`` when given), most frequent first (ties:
+    alphabetical), at most ``max_candidates``."""
+    ranked = sorted(
+        (g for g, df in doc_freq.items() if df >= min_df and (max_df is None or df <= max_df)),
+        key=lambda g: (-doc_freq[g], g),
+    )
     return ranked if max_candidates is None else ranked[:max_candidates]
+
+
+def max_document_frequency(config: MiningConfig, n_solutions: int) -> float | None:
+    """The largest DF a candidate may have: ``max_doc_frac * n_solutions`` (None: no limit, also for
+    ``max_doc_frac`` 1, which drops nothing)."""
+    if config.max_doc_frac is None or config.max_doc_frac >= 1:
+        return None
+    return config.max_doc_frac * n_solutions
 
 
 def cluster_document_frequency(postings: Sequence[Iterable[int]], labels: Sequence[int]) -> dict[int, int]:
@@ -177,10 +197,13 @@ def mine_strategic_grams(
         for text in tqdm(solutions, desc="n-grams", unit="sol", disable=not config.show_progress)
     ]
     doc_freq = Counter(g for grams in per_doc for g in grams)
-    candidates = select_candidates(doc_freq, config.min_df, config.max_candidates)
+    max_df = max_document_frequency(config, len(solutions))
+    candidates = select_candidates(doc_freq, config.min_df, config.max_candidates, max_df)
     if not candidates:
+        limit = "" if max_df is None else f" and <= {max_df:g}"
         raise ValueError(
-            f"no n-gram occurs in >= {config.min_df} solutions (of {len(solutions)}); lower min_df"
+            f"no n-gram occurs in >= {config.min_df}{limit} solutions (of {len(solutions)}); "
+            "lower min_df or raise max_doc_frac"
         )
     index = {g: i for i, g in enumerate(candidates)}
     postings: list[list[int]] = [[] for _ in candidates]
@@ -220,6 +243,15 @@ def mine_strategic_grams(
             "entries": len(entries),
         },
     }
+    if max_df is not None:
+        dropped = sum(df >= config.min_df and df > max_df for df in doc_freq.values())
+        info["counts"]["dropped_near_universal"] = dropped
+        info["departs_from_paper"] = (
+            f"max_doc_frac={config.max_doc_frac:g}: the {dropped} n-grams found in more than "
+            f"{config.max_doc_frac:.0%} of the {len(solutions)} solutions (DF > {max_df:g}) were dropped "
+            "before clustering; the paper keeps every n-gram. A phrase (nearly) every solution contains, "
+            "such as a fixed answer template, is not a strategy choice, so it should not be a planning token."
+        )
     return Lexicon(tuple(entries), {**(metadata or {}), **info})
 
 

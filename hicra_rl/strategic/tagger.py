@@ -245,6 +245,16 @@ class PlanningTagger:
         mask &= lens > 0
         return np.split(mask, np.cumsum(sizes)[:-1])
 
+    def tag_responses(
+        self, batch: Sequence[Sequence[int]]
+    ) -> tuple[list[np.ndarray], list[str], list[list[tuple[int, int, str]]]]:
+        """Planning masks, the decoded texts and the SG occurrences in them, all from the same token ids
+        (so the mask the loss uses and the occurrences the metrics count cannot disagree, e.g. when a
+        sampler's text differs from its tokens around stop strings)."""
+        masks = self.tag_batch(batch)
+        texts = [self.decode(ids) for ids in batch]
+        return masks, texts, [self.matcher.occurrences(t) for t in texts]
+
     def tag_text_offsets(self, text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
         """Planning mask for tokens given by character ``(start, end)`` offsets into ``text`` (e.g.
         a tokenizer's ``offset_mapping``): a token is planning when one of its characters lies

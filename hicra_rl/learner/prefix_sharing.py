@@ -1,0 +1,303 @@
+"""Shared-prefix forward for GRPO groups (pure torch; no DeepSpeed / Ray / vLLM).
+
+GRPO samples every prompt G times, so a per-row forward of ``prompt + response`` computes each prompt
+G times. Here one packed row per group holds the prompt once and then the group's responses one after
+another (the idea of Prefix Grouper, arXiv 2506.05433)::
+
+    input_ids      p0 p1 p2 | a0 a1 a2 | b0 b1 | pad
+    position_ids    0  1  2 |  3  4  5 |  3  4 |  0      (every response continues from len(prompt))
+
+and a block attention mask: a prompt token sees the prompt causally; a response token sees the whole
+prompt and the earlier tokens of its own response, never another response's. Each response token
+therefore sees exactly the keys, at exactly the positions, it sees in its own unshared row, so its
+logits (and the gradients through them) are those of the unshared forward up to float rounding.
+
+The logit that predicts a response's j-th token sits at the column before it; for j = 0 that is the
+last prompt token's column, which is shared by all G responses of the group (each with its own target).
+
+Passing the mask to Hugging Face (checked against transformers 5.x): ``create_causal_mask`` returns
+a 4D ``attention_mask`` unchanged, and both the "sdpa" and the "eager" attention add a float 4D mask
+to the attention scores, so ``model(input_ids, attention_mask=<[n, 1, L, L] additive mask in the
+model's dtype>, position_ids=..., use_cache=False)`` runs the block mask. "flash_attention_*" and
+"flex_attention" do not take such a tensor and are rejected. The mask is O(L^2) per packed row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from hicra_rl.algo.logprobs import logprobs_and_entropy
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class PackedGroups:
+    """One packed row per group, plus the maps from packed columns back to each response.
+
+    B responses (in the caller's order), ``n_groups`` packed rows of length L, W = longest response.
+
+    input_ids        [n_groups, L]        prompt once, then the group's responses, right-padded with pad_id
+    position_ids     [n_groups, L]        prompt 0..P-1; each response P..P+len-1; padding 0
+    attention_mask   [n_groups, 1, L, L]  additive float32: 0 where a query (dim 2) may see a key (dim 3),
+                                          ``finfo(float32).min`` elsewhere; a padding column sees only itself
+                                          (so no softmax row is empty) and no real token sees padding
+    row_index        [B]                  packed row of response i
+    token_index      [B, W]               column of response i's j-th token (0 past its length)
+    logit_index      [B, W]               column whose logit predicts that token: token_index - 1, except
+                                          j = 0 -> the last prompt column (0 past its length)
+    targets          [B, W]               the response tokens (pad_id past each length)
+    response_lengths [B], prompt_lengths [B], seq_lengths [n_groups] (real tokens per packed row)
+    group_order      the group id of each packed row (order of first appearance)
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    row_index: torch.Tensor
+    token_index: torch.Tensor
+    logit_index: torch.Tensor
+    targets: torch.Tensor
+    response_lengths: torch.Tensor
+    prompt_lengths: torch.Tensor
+    seq_lengths: torch.Tensor
+    group_order: list[int]
+    pad_id: int
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_groups(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_responses(self) -> int:
+        return int(self.row_index.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens in the packed rows."""
+        return int(self.seq_lengths.sum())
+
+    @property
+    def n_unshared_tokens(self) -> int:
+        """Real tokens of the unshared layout: sum over responses of len(prompt) + len(response)."""
+        return int((self.prompt_lengths + self.response_lengths).sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        """Positions the packed forward computes: n_groups x L."""
+        return int(self.input_ids.numel())
+
+    @property
+    def unshared_padded_tokens(self) -> int:
+        """Positions of the unshared, right-padded [B, T] forward (``build_sequences``)."""
+        return self.n_responses * int((self.prompt_lengths + self.response_lengths).max())
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "n_groups": self.n_groups,
+            "n_responses": self.n_responses,
+            "packed_len": int(self.input_ids.shape[1]),
+            "n_tokens": self.n_tokens,
+            "n_unshared_tokens": self.n_unshared_tokens,
+            "padded_tokens": self.padded_tokens,
+            "unshared_padded_tokens": self.unshared_padded_tokens,
+            "token_ratio": self.n_tokens / self.n_unshared_tokens,
+            "padded_ratio": self.padded_tokens / self.unshared_padded_tokens,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def to(self, device) -> PackedGroups:
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = v.to(device)
+        return PackedGroups(**kw)
+
+    def allowed(self) -> torch.Tensor:
+        """[n_groups, L, L] bool: query (dim 1) may attend to key (dim 2)."""
+        return self.attention_mask[:, 0] == 0
+
+    def additive_mask(self, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """The 4D mask in ``dtype`` (the model's compute dtype): 0 / ``finfo(dtype).min``."""
+        mask = self.attention_mask.to(device) if device is not None else self.attention_mask
+        if mask.dtype == dtype:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask != 0, torch.finfo(dtype).min)
+
+    def response_valid(self) -> torch.Tensor:
+        """[B, W] bool: column j < response length."""
+        w = self.token_index.shape[1]
+        return torch.arange(w, device=self.response_lengths.device)[None, :] < self.response_lengths[:, None]
+
+
+def group_ids_by_prompt(prompt_ids: list[list[int]]) -> list[int]:
+    """Group id per row: rows with identical prompts share one (numbered in order of first appearance)."""
+    seen: dict[tuple[int, ...], int] = {}
+    return [seen.setdefault(tuple(p), len(seen)) for p in prompt_ids]
+
+
+def pack_groups(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], group_ids: list[int], pad_id: int
+) -> PackedGroups:
+    """Pack B (prompt, response) rows into one row per group (see ``PackedGroups``).
+
+    Rows with the same ``group_ids`` value must have identical prompts; they need not be adjacent.
+    Packed rows follow the order of each group's first appearance, responses within a row follow the
+    input order, and every per-response output keeps the input order.
+    """
+    b = len(prompt_ids)
+    if len(response_ids) != b or len(group_ids) != b:
+        raise ValueError(f"{b} prompts, {len(response_ids)} responses and {len(group_ids)} group ids: need one each per row")
+    if b == 0:
+        raise ValueError("no rows to pack")
+    members: dict[int, list[int]] = {}
+    for i, (p, r, g) in enumerate(zip(prompt_ids, response_ids, group_ids)):
+        if len(p) == 0:
+            raise ValueError(f"row {i}: empty prompt (the first response token needs a prompt token before it)")
+        if len(r) == 0:
+            raise ValueError(f"row {i}: empty response")
+        rows = members.setdefault(int(g), [])
+        if rows and list(prompt_ids[rows[0]]) != list(p):
+            raise ValueError(f"row {i}: its prompt differs from row {rows[0]}'s, but both are in group {g}")
+        rows.append(i)
+
+    order = list(members)
+    prompt_len = [len(prompt_ids[members[g][0]]) for g in order]
+    seq_len = [prompt_len[k] + sum(len(response_ids[i]) for i in members[g]) for k, g in enumerate(order)]
+    n, length = len(order), max(seq_len)
+    width = max(len(r) for r in response_ids)
+
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    allowed = torch.zeros((n, length, length), dtype=torch.bool)
+    row_index = torch.zeros(b, dtype=torch.long)
+    token_index = torch.zeros((b, width), dtype=torch.long)
+    logit_index = torch.zeros((b, width), dtype=torch.long)
+    targets = torch.full((b, width), pad_id, dtype=torch.long)
+    resp_len = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
+    pr_len = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    tril = torch.ones((length, length), dtype=torch.bool).tril_()
+
+    for k, g in enumerate(order):
+        p = prompt_ids[members[g][0]]
+        np_ = len(p)
+        input_ids[k, :np_] = torch.as_tensor(list(p), dtype=torch.long)
+        position_ids[k, :np_] = torch.arange(np_)
+        allowed[k, :np_, :np_] = tril[:np_, :np_]
+        s = np_
+        for i in members[g]:
+            r = response_ids[i]
+            e = s + len(r)
+            resp = torch.as_tensor(list(r), dtype=torch.long)
+            input_ids[k, s:e] = resp
+            position_ids[k, s:e] = torch.arange(np_, np_ + len(r))
+            allowed[k, s:e, :np_] = True
+            allowed[k, s:e, s:e] = tril[: len(r), : len(r)]
+            row_index[i] = k
+            token_index[i, : len(r)] = torch.arange(s, e)
+            logit_index[i, 0] = np_ - 1
+            logit_index[i, 1 : len(r)] = torch.arange(s, e - 1)
+            targets[i, : len(r)] = resp
+            s = e
+        pad = torch.arange(s, length)
+        allowed[k, pad, pad] = True
+
+    mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return PackedGroups(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask,
+        row_index=row_index,
+        token_index=token_index,
+        logit_index=logit_index,
+        targets=targets,
+        response_lengths=resp_len,
+        prompt_lengths=pr_len,
+        seq_lengths=torch.tensor(seq_len, dtype=torch.long),
+        group_order=order,
+        pad_id=int(pad_id),
+    )
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+              group_ids: list[int] | None = None, pad_id: int = 0) -> PackedGroups:
+    """``pack_groups`` from the learner's row layout (``sequences.build_sequences``).
+
+    Without ``group_ids`` rows are grouped by identical prompts (always exact: the result does not
+    depend on the grouping).
+    """
+    from hicra_rl.learner.sequences import response_spans
+
+    starts, lengths = response_spans(response_mask, attention_mask)
+    ids = input_ids.cpu().tolist()
+    prompts = [row[:s] for row, s in zip(ids, starts.tolist())]
+    responses = [row[s : s + n] for row, s, n in zip(ids, starts.tolist(), lengths.tolist())]
+    if group_ids is None:
+        group_ids = group_ids_by_prompt(prompts)
+    return pack_groups(prompts, responses, group_ids, pad_id)
+
+
+def _hf_config(model):
+    for m in (model, getattr(model, "module", None)):
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            return cfg
+    return None
+
+
+def _compute_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def check_attention_implementation(model) -> None:
+    """Raise unless the model's attention adds a 4D float mask to its scores ("sdpa" / "eager")."""
+    cfg = _hf_config(model)
+    impl = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    if impl is not None and impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"shared-prefix forward needs attn_implementation in {SUPPORTED_ATTENTION} (a custom 4D mask), "
+            f"the model uses {impl!r}"
+        )
+
+
+def shared_prefix_log_probs(
+    model, packed: PackedGroups, width: int, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi, entropy) of every response token, [B, width] in the response layout and input order.
+
+    One forward of ``model`` (an HF causal LM, or anything forwarding the same kwargs to one, e.g. a
+    DeepSpeed engine) over the packed rows; differentiable w.r.t. the model's parameters. ``packed``
+    should already be on the model's device (``packed.to(device)``). Columns past a response's length
+    are 0, as in ``sequences.gather_response``.
+    """
+    w_max = packed.token_index.shape[1]
+    if width < w_max:
+        raise ValueError(f"width {width} is shorter than the longest response ({w_max})")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_attention_implementation(model)
+    device = packed.input_ids.device
+    mask = packed.additive_mask(_compute_dtype(model), device)
+    valid = packed.response_valid()
+    first = int(packed.logit_index[valid].min())
+    out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                use_cache=False, logits_to_keep=packed.input_ids.shape[1] - first)
+    logits = out.logits
+    del out
+    # only the (row, column) pairs that predict a real response token: [N, V]
+    resp, col = valid.nonzero(as_tuple=True)
+    sel = logits[packed.row_index[resp], packed.logit_index[resp, col] - first]
+    del logits
+    if temperature != 1.0:
+        sel = sel / temperature
+    logp, ent = logprobs_and_entropy(sel, packed.targets[resp, col], chunk_size)
+    b = packed.n_responses
+    out_lp = torch.zeros((b, width), dtype=logp.dtype, device=device).index_put((resp, col), logp)
+    out_ent = torch.zeros((b, width), dtype=ent.dtype, device=device).index_put((resp, col), ent)
+    return out_lp, out_ent
