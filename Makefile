@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 install: $(STAMP)
 
 # The main job: a supervised cold start (made once, reused after), then HICRA RL on the CPU default.
-COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-arith
+# -v2: problems held out by role and prompts without SmolLM2's default system text (a v1 cold start saw other items)
+COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2
 run: install
 	test -f $(COLD_START)/config.json || $(BIN)/hicra-sft out_dir=$(COLD_START)
 	$(BIN)/hicra-train trainer.init_checkpoint=$(COLD_START) $(ARGS)

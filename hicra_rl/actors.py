@@ -97,8 +97,11 @@ class LearnerWorker:
     def compute_ref_log_probs(self, input_ids, attention_mask, response_mask, width: int):
         return self.learner.compute_ref_log_probs(input_ids, attention_mask, response_mask, width)
 
-    def update(self, batch: dict) -> dict[str, float]:
-        return self.learner.update(batch)
+    def update(self, batch: dict):
+        """(stats, log-probs, entropies): the last two are the pre-update policy's, from the update's own
+        forward, when the batch has no old log-probs (on-policy); else None."""
+        stats = self.learner.update(batch)
+        return stats, self.learner.forward_log_probs, self.learner.forward_entropy
 
     def publish_weights(self):
         """Collective (ZeRO-3 gathers on every rank).  Rank 0: transport ``shm_file`` writes the file and

@@ -66,7 +66,9 @@ class DataConfig:
     fields: dict = field(default_factory=dict)  # {"problem": ..., "answer": ..., "id": ...}
     on_bad_row: str = "error"                   # error | skip (counted and reported)
     max_prompt_tokens: int = 256
-    system_prompt: Optional[str] = None
+    # the system message; "" (the default) is an empty one, which keeps a template's built-in default
+    # out (SmolLM2's adds 16 tokens to every prompt); None keeps the chat template's own default
+    system_prompt: Optional[str] = ""
     shuffle: bool = True
     # the SG lexicon suited to this data (strategic.lexicon=auto); the default matches the default data
     # (conf/data/arith.yaml), so TrainConfig() in code and `hicra-train` tag the same grams
@@ -91,7 +93,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.6
     kv_cache_gib: Optional[float] = 1.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
-    cpu_threads: Optional[str] = None    # CPU only, e.g. "0-1" (VLLM_CPU_OMP_THREADS_BIND)
+    # CPU only (VLLM_CPU_OMP_THREADS_BIND): "all" cores of the node (the learner and vLLM take turns in the
+    # synchronous loop), a range such as "0-3" (several workers on one node), or None for vLLM's own default
+    cpu_threads: Optional[str] = "all"
     enforce_eager: bool = True
     # shm_file: a safetensors file in /dev/shm (learner rank 0 and all rollout workers on one node);
     # broadcast: a process group of learner rank 0 and every vLLM worker (NCCL on GPU, gloo on CPU)
@@ -128,6 +132,9 @@ class LearnerConfig:
     ppo_epochs: int = 1
     mini_batches_per_step: int = 1   # optimizer steps per epoch over a step's batch
     logprob_chunk_size: int = 1024
+    # auto: no separate old-log-prob forward when the update is on-policy (1 epoch, 1 mini-batch: the
+    # ratio is 1 by construction); always: recompute them before the update anyway
+    old_log_prob_forward: str = "auto"
 
 
 LEARNER_OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
@@ -148,6 +155,8 @@ def check_learner_config(l: LearnerConfig, prefix: str = "learner") -> None:
     for name in ("micro_batch_size", "ppo_epochs", "mini_batches_per_step", "logprob_chunk_size"):
         _check(getattr(l, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(l, name)}")
     _check(l.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {l.warmup_steps}")
+    _check(l.old_log_prob_forward in ("auto", "always"), f"{prefix}.old_log_prob_forward",
+           f"must be auto or always, got {l.old_log_prob_forward!r}")
 
 
 @dataclass

@@ -74,6 +74,12 @@ class Trainer:
         self.eval_prompts, self.eval_meta = [], []
         self._resources = ExitStack()
 
+    @property
+    def on_policy(self) -> bool:
+        """One epoch over one mini-batch: the sampling policy is the one updated (no old-log-prob forward)."""
+        lc = self.cfg.learner
+        return lc.old_log_prob_forward == "auto" and lc.ppo_epochs == 1 and lc.mini_batches_per_step == 1
+
     @classmethod
     def from_parts(cls, cfg: TrainConfig, *, prompts, tagger, pad_id: int, fleet, learners, metrics,
                    eval_prompts=(), eval_meta=()) -> Trainer:
@@ -207,14 +213,20 @@ class Trainer:
         width = adv.token.shape[1]
         sequences = build_sequences(batch.prompt_ids, batch.response_ids, self.pad_id)
 
-        # 5. log-probs of the policy that sampled (and of the reference for the KL term)
+        # 5. log-probs of the policy that sampled: a separate forward only when the update is not on-policy
+        #    (on-policy the ratio is 1 by construction and the update's own forward gives them)
+        old_lp = entropy = ref_lp = None
         with timer("old_log_probs"):
-            old_lp, entropy = self.learners.log_probs(sequences, width)
-            ref_lp = self.learners.ref_log_probs(sequences, width) if a.kl_coef > 0 else None
+            if not self.on_policy:
+                old_lp, entropy = self.learners.log_probs(sequences, width)
+            if a.kl_coef > 0:
+                ref_lp = self.learners.ref_log_probs(sequences, width)
 
         # 6. policy update
         with timer("update"):
-            stats = self.learners.update(sequences, old_lp, adv.token, ref_lp)
+            stats, forward_lp, forward_entropy = self.learners.update(sequences, old_lp, adv.token, ref_lp)
+        if old_lp is None:
+            old_lp, entropy = forward_lp, forward_entropy
 
         # 7. new weights to the rollout workers
         with timer("sync"):

@@ -92,17 +92,22 @@ class LearnerGroup:
                                     for w, s in zip(self.learners, self._shards(len(ids)))],
                                    "learner ranks (reference log-probs)"))
 
-    def update(self, sequences: tuple[torch.Tensor, ...], old_log_probs: torch.Tensor, advantages: torch.Tensor,
-               ref_log_probs: torch.Tensor | None = None) -> dict[str, float]:
+    def update(self, sequences: tuple[torch.Tensor, ...], old_log_probs: torch.Tensor | None,
+               advantages: torch.Tensor, ref_log_probs: torch.Tensor | None = None):
+        """(stats, log-probs, entropies); ``old_log_probs`` None is the on-policy update, which returns the
+        pre-update policy's log-probs and entropies from its own forward (else those two are None)."""
         ids, am, rm = sequences
         batches = []
         for s in self._shards(len(ids)):
-            b = dict(input_ids=ids[s], attention_mask=am[s], response_mask=rm[s], old_log_probs=old_log_probs[s],
-                     advantages=advantages[s])
+            b = dict(input_ids=ids[s], attention_mask=am[s], response_mask=rm[s], advantages=advantages[s],
+                     old_log_probs=None if old_log_probs is None else old_log_probs[s])
             if ref_log_probs is not None:
                 b["ref_log_probs"] = ref_log_probs[s]
             batches.append(b)
-        return self._get([w.update.remote(b) for w, b in zip(self.learners, batches)], "learner ranks (update)")[0]
+        parts = self._get([w.update.remote(b) for w, b in zip(self.learners, batches)], "learner ranks (update)")
+        if parts[0][1] is None:
+            return parts[0][0], None, None
+        return parts[0][0], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
     def open_weight_group(self, fleet: Fleet, tensor_parallel_size: int, timeout_s: float) -> None:
         """Transport ``broadcast``: one process group of learner rank 0 and every vLLM worker (NCCL on GPU,

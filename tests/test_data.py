@@ -270,3 +270,20 @@ def test_tokenizer_without_chat_template(tokenizer, gsm8k_rows):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     p = build_prompts(bare, gsm8k_rows[:1], PromptConfig(chat_template=template)).prompts[0]
     assert p.text == f"[user] {gsm8k_rows[0]['problem']}\n\n{DEFAULT_INSTRUCTION}\n[assistant] "
+
+
+def test_default_data_prompts_leave_out_the_template_system_text(tokenizer):
+    """The default data config sends an empty system message: SmolLM2's built-in one (16 tokens on every
+    prompt, computed G times a step) is not in the prompt."""
+    from hicra_rl.config import DataConfig
+    from hicra_rl.data.setup import load_prompts
+
+    _, prompt_set = load_prompts(DataConfig(size=4), tokenizer, 0, role="train")
+    text = prompt_set.prompts[0].text
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n") and "SmolLM" not in text
+    with_default = PromptConfig(system=None)
+    from hicra_rl.data.prompts import prompt_text
+
+    problem = text.split("<|im_start|>user\n", 1)[1].split("\n\n", 1)[0]
+    longer = tokenizer(prompt_text(tokenizer, problem, with_default), add_special_tokens=False)["input_ids"]
+    assert len(longer) - len(prompt_set.prompts[0].token_ids) == 16

@@ -291,3 +291,34 @@ def test_update_moves_log_probs_in_the_direction_of_the_hicra_advantages(tiny_mo
     change = ((after - lp) * mask).sum(-1) / mask.sum(-1)
     assert change[0] > 0 and change[1] > 0, change
     assert change[2] < 0 and change[3] < 0, change
+
+
+def test_on_policy_update_equals_recomputed_old_log_probs(tiny_model, port):
+    """One epoch, one mini-batch: using the update's own forward, detached, as pi_old gives the same loss,
+    gradient (weights after AdamW with eps = 1) and stats as a separate old-log-prob forward."""
+    cfg = LearnerConfig(zero_stage=0, lr=0.1, eps=1.0, micro_batch_size=2)
+    prompts, responses = random_rows(12, [3, 5, 2, 4], [6, 3, 5, 4])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    adv = torch.randn(4, 6, generator=torch.Generator().manual_seed(13))
+
+    recompute = PolicyLearner(cfg, model_path=tiny_model, master_port=port)
+    lp, ent = recompute.compute_log_probs(ids, am, rm, width=6)
+    stats_r = recompute.update(PolicyBatch(ids, am, rm, lp, adv))
+    weights_r = recompute.full_state_dict()
+    assert recompute.forward_log_probs is None
+
+    shortcut = PolicyLearner(cfg, model_path=tiny_model, master_port=port)
+    stats_s = shortcut.update(PolicyBatch(ids, am, rm, None, adv))
+    torch.testing.assert_close(shortcut.forward_log_probs, lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(shortcut.forward_entropy, ent, atol=1e-5, rtol=0)
+    for key in ("actor/pg_loss", "actor/loss", "actor/grad_norm", "actor/entropy", "actor/n_tokens"):
+        assert stats_s[key] == pytest.approx(stats_r[key], abs=1e-6), key
+    assert stats_s["actor/clipfrac"] == 0.0 and stats_s["actor/approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    weights_s = shortcut.full_state_dict()
+    for name in weights_r:
+        torch.testing.assert_close(weights_s[name], weights_r[name], atol=1e-6, rtol=0)
+
+    two_minis = PolicyLearner(LearnerConfig(zero_stage=0, mini_batches_per_step=2), model_path=tiny_model,
+                              master_port=port)
+    with pytest.raises(ValueError, match="not on-policy after the first optimizer step"):
+        two_minis.update(PolicyBatch(ids, am, rm, None, adv))

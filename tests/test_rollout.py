@@ -301,3 +301,15 @@ def test_close_stops_engine_processes_and_removes_its_shm_files(engine):
     # Python's multiprocessing resource tracker (started by vLLM's shared memory) lives as long as we do
     assert all("resource_tracker" in cmd for cmd in alive), alive
     assert not [f for f in shm_files if os.path.exists(f)]
+
+
+def test_cpu_bind_all_is_every_core_this_process_may_use(monkeypatch):
+    import os
+
+    from hicra_rl.rollout.engine import _cpu_bind
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert _cpu_bind("all") == "0-3"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 3})
+    assert _cpu_bind("all") == "1,3"
+    assert _cpu_bind(2) == "0-1" and _cpu_bind("2-3") == "2-3"

@@ -50,9 +50,14 @@ class FakeLearners:
     records what it is asked to train on."""
 
     def __init__(self):
-        self.updates, self.saves, self.syncs = [], [], 0
+        self.updates, self.saves, self.syncs, self.forwards = [], [], 0, 0
 
     def log_probs(self, sequences, width):
+        self.forwards += 1
+        return self._log_probs(sequences, width)
+
+    @staticmethod
+    def _log_probs(sequences, width):
         _, _, rm = sequences
         lengths = rm.sum(-1)
         valid = (torch.arange(width)[None, :] < lengths[:, None]).float()
@@ -63,7 +68,10 @@ class FakeLearners:
 
     def update(self, sequences, old_log_probs, advantages, ref_log_probs=None):
         self.updates.append((sequences, old_log_probs, advantages))
-        return {"actor/pg_loss": 0.0, "actor/grad_norm": 1.0}
+        stats = {"actor/pg_loss": 0.0, "actor/grad_norm": 1.0}
+        if old_log_probs is None:  # on-policy: the update's own forward gives the pre-update log-probs
+            return (stats, *self._log_probs(sequences, advantages.shape[1]))
+        return stats, None, None
 
     def sync_weights(self, fleet):
         self.syncs += 1
@@ -99,13 +107,14 @@ def test_train_step_orchestration_hand_computed(tmp_path):
     # 5-6. the learner trains on prompt + response rows and the HICRA-shaped advantages:
     # each group has rewards [1, 0] -> A = [+0.5, -0.5]; GOOD's 6 planning tokens get 0.5 + 0.2 * 0.5 = 0.6
     (ids, am, rm), old_lp, adv = trainer.learners.updates[0]
+    # one epoch, one mini-batch: on-policy, no separate old-log-prob forward
+    assert trainer.on_policy and old_lp is None and trainer.learners.forwards == 0
     p0 = trainer.prompts[idx[0]].token_ids
     assert ids[0].tolist() == p0 + GOOD and ids[1].tolist() == p0 + BAD + [0] * 7
     assert rm[1].tolist() == [0, 0, 1] + [0] * 7
     expected_good = [0.6] * 6 + [0.5, 0.5]
     expected_bad = [-0.5] + [0.0] * 7
     torch.testing.assert_close(adv, torch.tensor([expected_good, expected_bad] * 2))
-    assert old_lp.shape == (4, 8)
     # 7. weights synced once
     assert trainer.learners.syncs == 1
     # 8. the metrics row: rewards, the planning share (6 + 6 of 18 tokens), one SG used twice -> H = 0
@@ -137,3 +146,14 @@ def test_run_checkpoints_and_refuses_a_finished_run(tmp_path):
         Trainer(trainer.cfg).resume_checkpoint()
     trainer.cfg.trainer.total_steps = 3
     assert Trainer(trainer.cfg).resume_checkpoint() == done
+
+
+def test_old_log_probs_are_recomputed_when_not_on_policy(tmp_path):
+    trainer, metrics = make_trainer(tmp_path)
+    trainer.cfg.learner.old_log_prob_forward = "always"
+    assert not trainer.on_policy
+    m = trainer.train_step(0)
+    metrics.close()
+    _, old_lp, _ = trainer.learners.updates[0]
+    assert trainer.learners.forwards == 1 and old_lp.shape == (4, 8)
+    assert m["rollout/logprob_diff_vllm"] == pytest.approx(0.5)

@@ -67,12 +67,15 @@ class PolicyBatch:
 
     ``advantages`` are per response token, already HICRA-shaped by the caller; ``loss_mask``
     (optional, response layout) removes tokens from the loss on top of the response span.
+    ``old_log_probs`` None: the update is on-policy (one epoch, one mini-batch), so the policy that
+    sampled is the one being updated: the ratio is 1 by construction and the update uses its own
+    forward's log-probs, detached, instead of a separate forward pass.
     """
 
     input_ids: torch.Tensor           # [B, T]
     attention_mask: torch.Tensor      # [B, T]
     response_mask: torch.Tensor       # [B, T]
-    old_log_probs: torch.Tensor       # [B, W]
+    old_log_probs: torch.Tensor | None  # [B, W]; None: on-policy (see above)
     advantages: torch.Tensor          # [B, W]
     ref_log_probs: torch.Tensor | None = None  # [B, W]
     loss_mask: torch.Tensor | None = None      # [B, W]
@@ -302,11 +305,19 @@ class PolicyLearner:
         Returns the step-averaged global stats (identical on every rank): pg_loss, the total loss,
         clip fractions, approx-KL to the old policy, entropy, KL to the reference, grad norm (before
         clipping), learning rate, and throughput.  Per-step stats are kept in ``self.step_stats``.
+        On-policy (``old_log_probs`` None), the log-probs and entropies of the policy before the update
+        are kept in ``self.forward_log_probs`` / ``self.forward_entropy`` ([B, W], CPU).
         """
         batch = PolicyBatch.coerce(batch)
         cfg = self.cfg
         b, width = batch.advantages.shape
-        if batch.old_log_probs.shape != (b, width):
+        self.forward_log_probs = self.forward_entropy = None
+        if batch.old_log_probs is None:
+            if cfg.ppo_epochs != 1 or cfg.mini_batches_per_step != 1:
+                raise ValueError(f"old_log_probs are needed: {cfg.ppo_epochs} epochs x {cfg.mini_batches_per_step} "
+                                 "mini-batches is not on-policy after the first optimizer step")
+            self.forward_log_probs, self.forward_entropy = torch.zeros(b, width), torch.zeros(b, width)
+        elif batch.old_log_probs.shape != (b, width):
             raise ValueError(f"old_log_probs {tuple(batch.old_log_probs.shape)} != advantages {(b, width)}")
         if batch.input_ids.shape[0] != b:
             raise ValueError(f"input_ids has {batch.input_ids.shape[0]} rows, advantages {b}")
@@ -344,7 +355,13 @@ class PolicyLearner:
         """The PPO-clip / clip-higher loss of one mini-batch (``hicra_rl.algo.losses``)."""
 
         def loss_fn(mb: MicroBatch):
-            loss, st = ppo_clip_loss(mb.log_probs, mb.take(part.old_log_probs), mb.take(part.advantages), mb.mask,
+            if part.old_log_probs is None:  # on-policy: pi_old is this very forward's policy (ratio 1)
+                old = mb.log_probs.detach()
+                self.forward_log_probs[mb.rows] = old.cpu()
+                self.forward_entropy[mb.rows] = mb.entropy.detach().cpu()
+            else:
+                old = mb.take(part.old_log_probs)
+            loss, st = ppo_clip_loss(mb.log_probs, old, mb.take(part.advantages), mb.mask,
                                      self.loss_cfg, entropy=mb.entropy, ref_log_probs=mb.take(part.ref_log_probs),
                                      token_normalizer=mb.token_normalizer, seq_normalizer=mb.seq_normalizer)
             summed = {"actor/loss": float(loss.detach()), "actor/pg_loss": st["actor/pg_loss"]}

@@ -83,6 +83,10 @@ def _cpu_bind(cpu_threads: int | str) -> str:
         if cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
         return f"0-{cpu_threads - 1}"
+    if cpu_threads == "all":  # every core this process may run on (vLLM's own default takes one fewer)
+        cores = sorted(os.sched_getaffinity(0))
+        contiguous = cores == list(range(cores[0], cores[-1] + 1))
+        return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
     return cpu_threads
 
 
