@@ -79,6 +79,9 @@ class DataConfig:
 class EvalDataConfig(DataConfig):
     size: int = 64
     split: str = "test"
+    # which held-out problems (procedural tasks): fixed, not the training seed, so runs of every seed and
+    # `hicra-eval` are scored on the same problems (paired comparisons)
+    seed: int = 0
 
 
 @dataclass
@@ -192,6 +195,9 @@ class TrainerConfig:
     eval_temperature: float = 0.6
     resume: str = "auto"               # auto | never | <checkpoint dir>
     init_checkpoint: Optional[str] = None  # e.g. the cold-start (SFT) model directory
+    # write every step's rollouts (ids, text, reward, planning mask, token advantages) to
+    # <run_dir>/rollouts/step-N.jsonl, to inspect what HICRA credited
+    dump_rollouts: bool = False
 
 
 @dataclass

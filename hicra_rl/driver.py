@@ -29,7 +29,7 @@ from hicra_rl.algo import hicra_step_advantages
 from hicra_rl.batch import pad_ragged
 from hicra_rl.config import TrainConfig, as_plain_dict, lexicon_path, policy_loss_config
 from hicra_rl.evaluation import evaluate
-from hicra_rl.iofiles import write_json_atomic
+from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 from hicra_rl.learner.sequences import build_sequences
 
 log = logging.getLogger("hicra_rl")
@@ -142,7 +142,7 @@ class Trainer:
         self.problems, self.prompt_set = load_prompts(cfg.data, self.tokenizer, cfg.trainer.seed, role="train")
         self.prompts = self.prompt_set.prompts
         if cfg.eval_data is not None and cfg.trainer.eval_every > 0:
-            eval_problems, eval_set = load_prompts(cfg.eval_data, self.tokenizer, cfg.trainer.seed, role="eval",
+            eval_problems, eval_set = load_prompts(cfg.eval_data, self.tokenizer, cfg.eval_data.seed, role="eval",
                                                    exclude=self.problems)
             self.eval_prompts = eval_set.prompts
             meta = {r["id"]: r for r in eval_problems.rows}
@@ -232,6 +232,9 @@ class Trainer:
         with timer("sync"):
             sync = self.learners.sync_weights(self.fleet)
 
+        if cfg.trainer.dump_rollouts:
+            self.dump_rollouts(step + 1, batch, adv)
+
         # 8. metrics (and evaluation every eval_every steps)
         extra = {**{k: float(v) for k, v in stats.items()}, **sync,
                  **self._batch_stats(batch, adv, old_lp, r.temperature), **timer.times}
@@ -265,6 +268,20 @@ class Trainer:
             if temperature == 1.0 else float("nan"),
             "rollout/generated_tokens": float(sum(batch.lengths)),
         }
+
+    def dump_rollouts(self, step: int, batch, adv) -> None:
+        """One JSON line per response: what was sampled, its reward and the credit each token got."""
+        rows = []
+        for i, ids in enumerate(batch.response_ids):
+            n = len(ids)
+            rows.append(json.dumps({
+                "step": step, "group": batch.group_ids[i], "response_ids": list(ids), "text": batch.tagged_texts[i],
+                "reward": batch.scores[i].reward, "advantage": float(adv.sequence[i]),
+                "planning_mask": [bool(x) for x in batch.planning_masks[i]],
+                "token_advantages": adv.token[i, :n].tolist(), "sg_occurrences": batch.sg_occurrences[i]}))
+        folder = self.run_dir / "rollouts"
+        folder.mkdir(exist_ok=True)
+        write_text_atomic(folder / f"step-{step}.jsonl", "\n".join(rows) + "\n")
 
     def run_eval(self, step: int) -> dict[str, float]:
         cfg = self.cfg

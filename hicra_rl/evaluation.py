@@ -101,7 +101,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     model_path = resolve_model(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed, role="eval")
+    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.data.seed, role="eval")
     meta = {r["id"]: r for r in problems.rows}
     prompts = prompt_set.prompts
     with FleetSession(model_path=model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,

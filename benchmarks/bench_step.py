@@ -1,0 +1,137 @@
+"""The default RL step, new path vs old path, side by side in one run, with the ratio.
+
+    python benchmarks/bench_step.py [--steps 3] [--cold-start DIR] [--out runs/bench_step]
+
+Runs ``hicra-train`` twice from the same cold start on the CPU default (16 prompts x 4, HICRA):
+- old path: the separate old-log-prob forward, SmolLM2's default system prompt, vLLM's default CPU
+  binding (``learner.old_log_prob_forward=always data.system_prompt=null rollout.cpu_threads=null``);
+- new path: the defaults (no old-log-prob forward on-policy, empty system prompt, vLLM on all cores).
+It prints the median step time of steps 2..N (step 1 warms up) of each and the ratio new / old, the
+stage breakdown, and the in-run generation rate.  Then, in the same process: a fp32 GEMM of the model's
+MLP shapes (GFLOP/s) against the learner's update rate estimated from its token count (6 x params per
+token for forward + backward), and standalone vLLM and HF ``generate`` tokens/s on the step's kind of
+prompts (64 = 16 x 4, T = 1, 48 new tokens) against the in-run rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OLD = ["learner.old_log_prob_forward=always", "data.system_prompt=null", "rollout.cpu_threads=null"]
+STAGES = ("generate", "reward", "tag_and_advantage", "old_log_probs", "update", "sync", "step")
+
+
+def run_train(name: str, overrides: list[str], args) -> list[dict]:
+    run_dir = Path(args.out) / name
+    cmd = [str(Path(sys.executable).parent / "hicra-train"), f"trainer.run_dir={run_dir}", "trainer.resume=never",
+           f"trainer.total_steps={args.steps}", "trainer.save_every=0", "logging.wandb=false",
+           f"trainer.init_checkpoint={args.cold_start}", *overrides]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"{name}: {time.perf_counter() - t0:.0f} s wall ({' '.join(overrides) or 'defaults'})", flush=True)
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def median_after_warmup(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows[1:] if r.get(key) is not None] or [r.get(key) or 0.0 for r in rows]
+    return statistics.median(values)
+
+
+def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(tokens, hidden), torch.randn(hidden, inter)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * tokens * hidden * inter / best / 1e9
+
+
+def standalone_generation(model_path: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(vLLM tokens/s, HF generate tokens/s) on the same prompts, 4 samples each, T = 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hicra_rl.rollout import VLLMRolloutEngine
+
+    with VLLMRolloutEngine(model_path, dtype="float32", max_model_len=1024, seed=0, kv_cache_gib=1,
+                           cpu_threads="all") as engine:
+        engine.generate(prompts[:2], n=4, max_tokens=8, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, n=4, temperature=1.0, max_tokens=max_tokens, seed=1)
+        vllm_rate = sum(len(r.token_ids) for r in out) / (time.perf_counter() - t0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    torch.set_num_threads(os.cpu_count() or 1)
+    width = max(map(len, prompts))
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts for _ in range(4)])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(4)])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                             max_new_tokens=max_tokens, pad_token_id=pad)
+    new = gen[:, width:]
+    hf_rate = float((new != pad).sum()) / (time.perf_counter() - t0)
+    return vllm_rate, hf_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
+    parser.add_argument("--out", default="runs/bench_step")
+    parser.add_argument("--skip-standalone", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    rows = {"old": run_train("old", OLD, args), "new": run_train("new", [], args)}
+    print(f"\nmedian seconds per step (steps 2..{args.steps}; 16 prompts x 4, HICRA, from the cold start)")
+    print(f"  {'stage':<20}{'old':>9}{'new':>9}")
+    for stage in STAGES:
+        old, new = (median_after_warmup(rows[k], f"timing/{stage}_s") for k in ("old", "new"))
+        print(f"  {stage:<20}{old:9.1f}{new:9.1f}")
+    ratio = median_after_warmup(rows["new"], "timing/step_s") / median_after_warmup(rows["old"], "timing/step_s")
+    print(f"  step time new / old = {ratio:.2f}")
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(args.cold_start)
+    n_params = 134.5e6
+    tokens_per_s = median_after_warmup(rows["new"], "perf/tokens_per_s")
+    learner_gflops = 6 * n_params * tokens_per_s / 1e9
+    gemm = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, os.cpu_count() or 1)
+    print(f"\nlearner update: {tokens_per_s:.0f} tokens/s ~ {learner_gflops:.0f} GFLOP/s (6 x 134.5M per token); "
+          f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s "
+          f"-> {100 * learner_gflops / gemm:.0f} % of the GEMM")
+    in_run = median_after_warmup(rows["new"], "perf/generate_tokens_per_s")
+    in_run_old = median_after_warmup(rows["old"], "perf/generate_tokens_per_s")
+    print(f"in-run generation: new {in_run:.0f} tokens/s, old {in_run_old:.0f} tokens/s")
+    if not args.skip_standalone:
+        from transformers import AutoTokenizer
+
+        from hicra_rl.config import DataConfig
+        from hicra_rl.data.setup import load_prompts
+
+        tok = AutoTokenizer.from_pretrained(args.cold_start)
+        _, prompt_set = load_prompts(DataConfig(size=16), tok, 0, role="train")
+        vllm_rate, hf_rate = standalone_generation(args.cold_start, [p.token_ids for p in prompt_set.prompts], 48)
+        print(f"standalone on 16 x 4 prompts, 48 new tokens: vLLM {vllm_rate:.0f} tokens/s, HF generate "
+              f"{hf_rate:.0f} tokens/s; in-run / HF = {in_run / hf_rate:.2f}x, in-run / standalone vLLM = "
+              f"{in_run / vllm_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
