@@ -203,7 +203,8 @@ def nll_step(learner, input_ids, attention_mask, response_mask) -> dict[str, flo
     """One optimizer step of token-mean NLL over the response tokens, through the learner's one
     gradient path (micro-batches, global counts, accumulation, clipping)."""
     out = learner.gradient_step(input_ids, attention_mask, response_mask, nll_loss)
-    return {"sft/nll": out["sft/nll"], "sft/tokens": out["n_tokens"], "sft/grad_norm": out["grad_norm"]}
+    return {"sft/nll": out["sft/nll"], "sft/tokens": out["n_tokens"], "sft/grad_norm": out["grad_norm"],
+            "sft/padding_frac": out["padding_frac"]}
 
 
 def learner_config(cfg: SFTConfig):

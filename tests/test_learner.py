@@ -322,3 +322,21 @@ def test_on_policy_update_equals_recomputed_old_log_probs(tiny_model, port):
                               master_port=port)
     with pytest.raises(ValueError, match="not on-policy after the first optimizer step"):
         two_minis.update(PolicyBatch(ids, am, rm, None, adv))
+
+
+def test_gradient_step_groups_micro_batches_by_length(tiny_model, port):
+    """Rows of 3, 11, 3, 11 tokens in micro-batches of 2: grouped by length they need 2x3 + 2x11 = 28
+    positions for 28 real tokens (no padding; in the given order it would be 44), and the NLL loss equals
+    the token mean over all response tokens computed directly."""
+    from hicra_rl.sft import nll_loss
+
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-3, micro_batch_size=2), model_path=tiny_model,
+                            master_port=port)
+    prompts, responses = random_rows(14, [2, 2, 2, 2], [1, 9, 1, 9])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    with torch.no_grad():
+        lps, _ = direct_log_probs(reference_model(tiny_model), prompts, responses)
+    expected_nll = -float(torch.cat(lps).sum()) / 20
+    out = learner.gradient_step(ids, am, rm, nll_loss)
+    assert out["padding_frac"] == 0.0 and out["n_tokens"] == 20
+    assert out["sft/nll"] == pytest.approx(expected_nll, abs=1e-5)

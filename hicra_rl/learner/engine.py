@@ -47,7 +47,7 @@ class MicroBatch:
     log_probs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor            # 0/1 float: tokens that count in the loss
-    rows: slice                   # rows of the mini-batch this micro-batch holds
+    rows: torch.Tensor            # indices of the mini-batch rows this micro-batch holds
     token_normalizer: float       # valid tokens of the whole mini-batch, all ranks
     seq_normalizer: float         # sequences of the whole mini-batch, all ranks
     device: torch.device
@@ -341,6 +341,7 @@ class PolicyLearner:
                                          self._ppo_loss_fn(part), loss_mask=part.loss_mask, width=width)
                 out["actor/grad_norm"] = out.pop("grad_norm")
                 out["actor/n_tokens"] = out.pop("n_tokens")
+                out["perf/padding_frac"] = out.pop("padding_frac")
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
         elapsed = time.perf_counter() - t0
@@ -394,12 +395,18 @@ class PolicyLearner:
         summed: dict[str, float] = {}
         weighted: dict[str, float] = {}
         n, mb_size = mask.shape[0], self.cfg.micro_batch_size
+        # micro-batches of similar lengths (each is cut to its longest row): less padding; the loss is a sum
+        # with global normalisers, so the grouping changes nothing but the summation order
+        order = torch.argsort(starts + lengths, stable=True)
+        real_tokens, padded_tokens = float(attention_mask.sum()), 0.0
         for s in range(0, n, mb_size):
             e = min(n, s + mb_size)
-            logp, ent = self._response_log_probs(engine, input_ids[s:e], attention_mask[s:e], starts[s:e],
-                                                 lengths[s:e], width)
-            mb_mask = mask[s:e].to(self.device)
-            mb = MicroBatch(logp, ent, mb_mask, slice(s, e), n_tok, n_seq, self.device)
+            rows = order[s:e]
+            logp, ent = self._response_log_probs(engine, input_ids[rows], attention_mask[rows], starts[rows],
+                                                 lengths[rows], width)
+            padded_tokens += len(rows) * float((starts[rows] + lengths[rows]).max())
+            mb_mask = mask[rows].to(self.device)
+            mb = MicroBatch(logp, ent, mb_mask, rows, n_tok, n_seq, self.device)
             loss, mb_summed, mb_means = loss_fn(mb)
             engine.set_gradient_accumulation_boundary(e == n)
             # DeepSpeed averages over ranks; the normalisers are global, so undo the average.
@@ -420,6 +427,7 @@ class PolicyLearner:
         out.update({k: v / max(n_tok, 1.0) for k, v in zip(keys_weighted, totals[len(keys_summed):])})
         out["grad_norm"] = grad_norm
         out["n_tokens"] = n_tok
+        out["padding_frac"] = 1.0 - real_tokens / max(padded_tokens, 1.0)
         return out
 
     def broadcast_from_rank0(self, value: float) -> float:
