@@ -138,6 +138,9 @@ class LearnerConfig:
     # auto: no separate old-log-prob forward when the update is on-policy (1 epoch, 1 mini-batch: the
     # ratio is 1 by construction); always: recompute them before the update anyway
     old_log_prob_forward: str = "auto"
+    # one packed row per prompt group (the prompt computed once, not G times; block attention mask,
+    # Prefix Grouper): same log-probs and gradients as separate rows (tested), fewer tokens
+    shared_prefix: bool = False
 
 
 LEARNER_OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")

@@ -340,3 +340,30 @@ def test_gradient_step_groups_micro_batches_by_length(tiny_model, port):
     out = learner.gradient_step(ids, am, rm, nll_loss)
     assert out["padding_frac"] == 0.0 and out["n_tokens"] == 20
     assert out["sft/nll"] == pytest.approx(expected_nll, abs=1e-5)
+
+
+def test_shared_prefix_update_equals_separate_rows(tiny_model, port):
+    """learner.shared_prefix packs each prompt group into one row (the prompt computed once): the update's
+    loss, gradient (weights after AdamW with eps = 1) and pre-update log-probs equal the separate-row path."""
+    prompts, responses = random_rows(21, [4, 2, 6], [5, 3, 7, 2, 4, 6])  # 6 responses, 3 groups below
+    group_prompts = [prompts[0], prompts[0], prompts[1], prompts[1], prompts[1], prompts[2]]
+    ids, am, rm = build_sequences(group_prompts, responses, pad_id=0)
+    adv = torch.randn(6, 7, generator=torch.Generator().manual_seed(22))
+    results = {}
+    for shared in (False, True):
+        learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=0.1, eps=1.0, micro_batch_size=3, shared_prefix=shared),
+                                model_path=tiny_model, master_port=port, logits_temperature=0.8)
+        stats = learner.update(PolicyBatch(ids, am, rm, None, adv))
+        results[shared] = (stats, learner.forward_log_probs, learner.forward_entropy, learner.full_state_dict())
+        if shared:  # packed lengths 4+5+3 = 12, 2+7+2+4 = 15, 6+6 = 12: groups {0, 2} then {1} (<= 3 responses)
+            starts, lengths = response_spans(rm, am)
+            plan = learner._plan_micro_batches(ids, starts, lengths)
+            assert [rows.tolist() for rows, _ in plan] == [[0, 1, 5], [2, 3, 4]]
+            assert [p.n_tokens for _, p in plan] == [24, 15]  # 39 tokens instead of 47 in separate rows
+    (s0, lp0, ent0, w0), (s1, lp1, ent1, w1) = results[False], results[True]
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent1, ent0, atol=1e-4, rtol=0)
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/n_tokens"):
+        assert s1[key] == pytest.approx(s0[key], abs=1e-5), key
+    for name in w0:
+        torch.testing.assert_close(w1[name], w0[name], atol=1e-6, rtol=0)

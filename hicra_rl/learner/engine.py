@@ -30,6 +30,7 @@ from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
 from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
+from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_groups, shared_prefix_log_probs
 from hicra_rl.learner.sequences import gather_response, response_spans
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -394,21 +395,23 @@ class PolicyLearner:
         n_tok, n_seq = self._all_reduce_sum([float(mask.sum()), float(mask.shape[0])])
         summed: dict[str, float] = {}
         weighted: dict[str, float] = {}
-        n, mb_size = mask.shape[0], self.cfg.micro_batch_size
-        # micro-batches of similar lengths (each is cut to its longest row): less padding; the loss is a sum
-        # with global normalisers, so the grouping changes nothing but the summation order
-        order = torch.argsort(starts + lengths, stable=True)
-        real_tokens, padded_tokens = float(attention_mask.sum()), 0.0
-        for s in range(0, n, mb_size):
-            e = min(n, s + mb_size)
-            rows = order[s:e]
-            logp, ent = self._response_log_probs(engine, input_ids[rows], attention_mask[rows], starts[rows],
-                                                 lengths[rows], width)
-            padded_tokens += len(rows) * float((starts[rows] + lengths[rows]).max())
+        plan = self._plan_micro_batches(input_ids, starts, lengths)
+        real_tokens = padded_tokens = 0.0
+        for i, (rows, packed) in enumerate(plan):
+            if packed is None:
+                logp, ent = self._response_log_probs(engine, input_ids[rows], attention_mask[rows], starts[rows],
+                                                     lengths[rows], width)
+                real_tokens += float((starts[rows] + lengths[rows]).sum())
+                padded_tokens += len(rows) * float((starts[rows] + lengths[rows]).max())
+            else:
+                logp, ent = shared_prefix_log_probs(engine, packed.to(self.device), width, self.logits_temperature,
+                                                    self.cfg.logprob_chunk_size)
+                real_tokens += packed.n_tokens
+                padded_tokens += packed.padded_tokens
             mb_mask = mask[rows].to(self.device)
             mb = MicroBatch(logp, ent, mb_mask, rows, n_tok, n_seq, self.device)
             loss, mb_summed, mb_means = loss_fn(mb)
-            engine.set_gradient_accumulation_boundary(e == n)
+            engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
             # DeepSpeed averages over ranks; the normalisers are global, so undo the average.
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
             mb_tokens = float(mb_mask.sum())
@@ -429,6 +432,46 @@ class PolicyLearner:
         out["n_tokens"] = n_tok
         out["padding_frac"] = 1.0 - real_tokens / max(padded_tokens, 1.0)
         return out
+
+    def _plan_micro_batches(self, input_ids, starts, lengths) -> list[tuple[torch.Tensor, PackedGroups | None]]:
+        """(rows, packed) per micro-batch.  Rows are grouped by length (each micro-batch is cut to its longest
+        row: less padding; the loss is a sum with global normalisers, so grouping changes only the summation
+        order).  With ``shared_prefix`` a micro-batch is whole prompt groups (up to ``micro_batch_size``
+        responses, at least one group) packed into one row each, every prompt computed once."""
+        n, mb_size = input_ids.shape[0], self.cfg.micro_batch_size
+        ends = starts + lengths
+        if not self.cfg.shared_prefix:
+            order = torch.argsort(ends, stable=True)
+            return [(order[s:s + mb_size], None) for s in range(0, n, mb_size)]
+        ids = input_ids.tolist()
+        group_of = group_ids_by_prompt([row[:s] for row, s in zip(ids, starts.tolist())])
+        groups: dict[int, list[int]] = {}
+        for row, g in enumerate(group_of):
+            groups.setdefault(g, []).append(row)
+        packed_len = {g: int(starts[rows[0]]) + int(lengths[rows].sum()) for g, rows in groups.items()}
+        plan, current = [], []
+        for g in sorted(groups, key=lambda g: packed_len[g]):
+            if current and len(current) + len(groups[g]) > mb_size:
+                plan.append(current)
+                current = []
+            current = current + groups[g]
+        plan.append(current)
+        self._check_same_count(len(plan), "micro-batches (shared_prefix packs whole prompt groups)")
+        out = []
+        for rows in plan:
+            rows_t = torch.tensor(rows, dtype=torch.long)
+            prompts = [ids[r][:int(starts[r])] for r in rows]
+            responses = [ids[r][int(starts[r]):int(ends[r])] for r in rows]
+            out.append((rows_t, pack_groups(prompts, responses, [group_of[r] for r in rows], pad_id=0)))
+        return out
+
+    def _check_same_count(self, n: int, what: str) -> None:
+        counts = torch.tensor([n], dtype=torch.long, device=self.device)
+        gathered = [torch.zeros_like(counts) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, counts)
+        if len({int(c) for c in gathered}) != 1:
+            raise ValueError(f"every rank needs the same number of {what}; got {[int(c) for c in gathered]} by rank "
+                             "(give each rank whole prompt groups of equal sizes)")
 
     def broadcast_from_rank0(self, value: float) -> float:
         """Rank 0's ``value`` on every rank (collective): decisions such as "stop now" must agree."""
