@@ -126,9 +126,9 @@ class PackedGroups:
             return mask
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask != 0, torch.finfo(dtype).min)
 
-    def response_valid(self) -> torch.Tensor:
-        """[B, W] bool: column j < response length."""
-        w = self.token_index.shape[1]
+    def response_valid(self, width: int | None = None) -> torch.Tensor:
+        """[B, width] bool (width defaults to W): column j < response length."""
+        w = self.token_index.shape[1] if width is None else width
         return torch.arange(w, device=self.response_lengths.device)[None, :] < self.response_lengths[:, None]
 
 
@@ -171,39 +171,40 @@ def pack_groups(
 
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, length), dtype=torch.long)
-    allowed = torch.zeros((n, length, length), dtype=torch.bool)
+    # segment of each column: 0 prompt, m + 1 the row's m-th response, -(column + 1) padding (unique)
+    segment = -torch.arange(1, length + 1, dtype=torch.long).repeat(n, 1)
     row_index = torch.zeros(b, dtype=torch.long)
     token_index = torch.zeros((b, width), dtype=torch.long)
     logit_index = torch.zeros((b, width), dtype=torch.long)
     targets = torch.full((b, width), pad_id, dtype=torch.long)
     resp_len = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
     pr_len = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
-    tril = torch.ones((length, length), dtype=torch.bool).tril_()
 
     for k, g in enumerate(order):
         p = prompt_ids[members[g][0]]
         np_ = len(p)
         input_ids[k, :np_] = torch.as_tensor(list(p), dtype=torch.long)
         position_ids[k, :np_] = torch.arange(np_)
-        allowed[k, :np_, :np_] = tril[:np_, :np_]
+        segment[k, :np_] = 0
         s = np_
-        for i in members[g]:
+        for m, i in enumerate(members[g]):
             r = response_ids[i]
             e = s + len(r)
             resp = torch.as_tensor(list(r), dtype=torch.long)
             input_ids[k, s:e] = resp
             position_ids[k, s:e] = torch.arange(np_, np_ + len(r))
-            allowed[k, s:e, :np_] = True
-            allowed[k, s:e, s:e] = tril[: len(r), : len(r)]
+            segment[k, s:e] = m + 1
             row_index[i] = k
             token_index[i, : len(r)] = torch.arange(s, e)
             logit_index[i, 0] = np_ - 1
             logit_index[i, 1 : len(r)] = torch.arange(s, e - 1)
             targets[i, : len(r)] = resp
             s = e
-        pad = torch.arange(s, length)
-        allowed[k, pad, pad] = True
 
+    # causal, and a query sees keys of its own segment, or the prompt when it is a response token
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones((length, length), dtype=torch.bool).tril_()
+    allowed = causal & ((seg_q == seg_k) | ((seg_k == 0) & (seg_q > 0)))
     mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
     mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
     return PackedGroups(
