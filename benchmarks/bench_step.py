@@ -3,9 +3,11 @@
     python benchmarks/bench_step.py [--steps 3] [--cold-start DIR] [--out runs/bench_step]
 
 Runs ``hicra-train`` twice from the same cold start on the CPU default (16 prompts x 4, HICRA):
-- old path: the separate old-log-prob forward, SmolLM2's default system prompt, vLLM's default CPU
-  binding (``learner.old_log_prob_forward=always data.system_prompt=null rollout.cpu_threads=null``);
-- new path: the defaults (no old-log-prob forward on-policy, empty system prompt, vLLM on all cores).
+- old path: the separate old-log-prob forward, one row per response in micro-batches of 4, SmolLM2's
+  default system prompt, vLLM's default CPU binding (``learner.old_log_prob_forward=always
+  learner.shared_prefix=false learner.micro_batch_size=4 data.system_prompt=null rollout.cpu_threads=null``);
+- new path: the defaults (no old-log-prob forward on-policy, prompt groups packed into one row each in
+  micro-batches of 16 responses, empty system prompt, vLLM on all cores).
 It prints the median step time of steps 2..N (step 1 warms up) of each and the ratio new / old, the
 stage breakdown, and the in-run generation rate.  Then, in the same process: a fp32 GEMM of the model's
 MLP shapes (GFLOP/s) against the learner's update rate estimated from its token count (6 x params per
@@ -23,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-OLD = ["learner.old_log_prob_forward=always", "data.system_prompt=null", "rollout.cpu_threads=null"]
+OLD = ["learner.old_log_prob_forward=always", "learner.shared_prefix=false", "learner.micro_batch_size=4",
+       "data.system_prompt=null", "rollout.cpu_threads=null"]
 STAGES = ("generate", "reward", "tag_and_advantage", "old_log_probs", "update", "sync", "step")
 
 
@@ -109,13 +112,19 @@ def main() -> None:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(args.cold_start)
-    n_params = 134.5e6
-    tokens_per_s = median_after_warmup(rows["new"], "perf/tokens_per_s")
-    learner_gflops = 6 * n_params * tokens_per_s / 1e9
+    head = cfg.vocab_size * cfg.hidden_size                 # lm_head (tied): logits only at response positions
+    body = 134.5e6 - head                                    # SmolLM2-135M: 134.5M parameters in all
     gemm = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, os.cpu_count() or 1)
-    print(f"\nlearner update: {tokens_per_s:.0f} tokens/s ~ {learner_gflops:.0f} GFLOP/s (6 x 134.5M per token); "
-          f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s "
-          f"-> {100 * learner_gflops / gemm:.0f} % of the GEMM")
+    print(f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s")
+    for name in ("old", "new"):
+        r = rows[name][1:] or rows[name]
+        update_s = statistics.median(x["perf/update_s"] for x in r)
+        fwd_tokens = statistics.median(x["perf/forward_tokens_per_s"] * x["perf/update_s"] for x in r)
+        resp_tokens = statistics.median(x["actor/n_tokens"] for x in r)
+        flops = 6 * (body * fwd_tokens + head * resp_tokens)  # forward + backward (2 + 4 FLOPs per weight)
+        print(f"learner update ({name}): {fwd_tokens:.0f} forward tokens, {resp_tokens:.0f} response tokens in "
+              f"{update_s:.1f} s ~ {flops / update_s / 1e9:.0f} GFLOP/s = {100 * flops / update_s / 1e9 / gemm:.0f} % "
+              "of the GEMM")
     in_run = median_after_warmup(rows["new"], "perf/generate_tokens_per_s")
     in_run_old = median_after_warmup(rows["old"], "perf/generate_tokens_per_s")
     print(f"in-run generation: new {in_run:.0f} tokens/s, old {in_run_old:.0f} tokens/s")

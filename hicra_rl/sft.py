@@ -204,7 +204,7 @@ def nll_step(learner, input_ids, attention_mask, response_mask) -> dict[str, flo
     gradient path (micro-batches, global counts, accumulation, clipping)."""
     out = learner.gradient_step(input_ids, attention_mask, response_mask, nll_loss)
     return {"sft/nll": out["sft/nll"], "sft/tokens": out["n_tokens"], "sft/grad_norm": out["grad_norm"],
-            "sft/padding_frac": out["padding_frac"]}
+            "sft/padding_frac": out["padding_frac"], "sft/forward_tokens": out["forward_tokens"]}
 
 
 def learner_config(cfg: SFTConfig):

@@ -334,7 +334,7 @@ class PolicyLearner:
         mini = b // cfg.mini_batches_per_step
         self.step_stats = []
         t0 = time.perf_counter()
-        tokens = 0.0
+        tokens = forward_tokens = 0.0
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.mini_batches_per_step):
                 part = batch.rows(slice(m * mini, (m + 1) * mini))
@@ -343,6 +343,7 @@ class PolicyLearner:
                 out["actor/grad_norm"] = out.pop("grad_norm")
                 out["actor/n_tokens"] = out.pop("n_tokens")
                 out["perf/padding_frac"] = out.pop("padding_frac")
+                forward_tokens += out.pop("forward_tokens")
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
         elapsed = time.perf_counter() - t0
@@ -351,6 +352,8 @@ class PolicyLearner:
         stats["actor/num_steps"] = float(len(self.step_stats))
         stats["perf/update_s"] = elapsed
         stats["perf/tokens_per_s"] = self._all_reduce_sum([tokens])[0] / max(elapsed, 1e-9)
+        # tokens the forward passes actually computed (a shared prompt counts once), rank 0
+        stats["perf/forward_tokens_per_s"] = forward_tokens / max(elapsed, 1e-9)
         return stats
 
     def _ppo_loss_fn(self, part: PolicyBatch) -> LossFn:
@@ -431,6 +434,7 @@ class PolicyLearner:
         out["grad_norm"] = grad_norm
         out["n_tokens"] = n_tok
         out["padding_frac"] = 1.0 - real_tokens / max(padded_tokens, 1.0)
+        out["forward_tokens"] = real_tokens
         return out
 
     def _plan_micro_batches(self, input_ids, starts, lengths) -> list[tuple[torch.Tensor, PackedGroups | None]]:
