@@ -70,6 +70,9 @@ def test_defaults_are_the_cpu_setup(hydra_conf):
     assert (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.cluster.name) == (
         "hicra", "smollm2_135m", "arith", "local_cpu")
     assert cfg.trainer.run_dir == "runs/hicra-smollm2_135m-arith"
+    # the CPU default packs prompt groups (short sequences); the GPU presets (long responses) do not
+    assert cfg.learner.shared_prefix and cfg.learner.micro_batch_size == 16
+    assert not load("+paper=math_8gpu").learner.shared_prefix
 
 
 @pytest.mark.parametrize("model,hub_name", [("qwen2.5_7b_base", "Qwen/Qwen2.5-7B"),
