@@ -363,3 +363,13 @@ def test_dr_grpo_loss_normaliser_is_the_generation_budget(hydra_conf):
     cfg = load("algorithm=dr_grpo", "rollout.max_new_tokens=96")
     loss = policy_loss_config(cfg)
     assert (loss.agg_mode, loss.norm_constant) == ("seq-mean-token-sum-norm", 96.0)
+
+
+def test_comparison_preset_composes_for_every_algorithm(hydra_conf):
+    """`hicra-train -m +experiment=compare_cpu ...`: one run dir per algorithm and seed, the same held-out
+    evaluation for all, and the learner layout the committed runs used."""
+    for algorithm in ("hicra", "grpo", "entropy_reg"):
+        cfg = load("+experiment=compare_cpu", f"algorithm={algorithm}", "trainer.seed=2")
+        assert cfg.trainer.run_dir == f"runs/compare_cpu/{algorithm}-s2"
+        assert (cfg.eval_data.size, cfg.eval_data.seed, cfg.trainer.eval_every, cfg.trainer.total_steps) == (128, 0, 5, 10)
+        assert not cfg.learner.shared_prefix and cfg.learner.micro_batch_size == 4
