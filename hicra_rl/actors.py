@@ -12,6 +12,12 @@ import socket
 from typing import Any
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def _set_threads(n: int | None) -> None:
     if n:
         import torch
@@ -38,13 +44,31 @@ class RolloutWorker:
     def ready(self) -> float:
         return self.engine.startup_seconds
 
+    def identity(self) -> dict:
+        """Where this worker runs and what it owns (for messages, and to clean up after a kill)."""
+        return dict(host=socket.gethostname(), node_id=_node_id(), pid=os.getpid(),
+                    engine_pids=sorted(self.engine.engine_pids), shm_files=sorted(self.engine.shm_files))
+
+    def health(self) -> str | None:
+        """Why this worker can no longer generate (its vLLM engine process died), or None.  The actor runs
+        with two threads so this answers while ``generate`` is blocked on a dead engine."""
+        return self.engine.dead_reason()
+
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_tokens: int,
                  seed: int | None, stop: list[str] | None = None):
-        """A ``RolloutBatch`` (group ids index ``prompt_ids``)."""
+        """A ``RolloutBatch`` (group ids index ``prompt_ids``); ``ComponentFault`` if the engine died."""
+        from hicra_rl.cluster import ComponentFault
         from hicra_rl.rollout.engine import to_rollout_batch
 
-        return to_rollout_batch(self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=top_p,
-                                                     max_tokens=max_tokens, seed=seed, stop=stop))
+        try:
+            responses = self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=top_p,
+                                             max_tokens=max_tokens, seed=seed, stop=stop)
+        except Exception as err:
+            reason = self.engine.dead_reason()
+            if reason:
+                raise ComponentFault(f"{reason} ({type(err).__name__})") from None
+            raise
+        return to_rollout_batch(responses)
 
     def receive_weights(self, handle) -> dict:
         return dataclasses.asdict(self.engine.receive_weights(handle))
@@ -170,6 +194,10 @@ class VerifierWorker:
     def score(self, items: list[tuple[str, Any, str]], n_tokens: list[int], finished: list[bool]) -> list:
         """One ``VerifyResult`` per item."""
         return self.verifier.score_batch(items, n_tokens, finished)
+
+    def health(self) -> str | None:
+        """None while this actor answers (it runs with two threads: answers during ``score`` too)."""
+        return None
 
     def stats(self) -> dict[str, float]:
         return self.verifier.stats()

@@ -2,9 +2,8 @@
 a bounded wait whose error names the stuck component (nothing hangs)."""
 from __future__ import annotations
 
-import json
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,33 +16,109 @@ class ComponentTimeout(TimeoutError):
     """A remote component did not answer in time; the message names it and the wait."""
 
 
-def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) or start a local cluster."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines drown the step log
-    # Inside `ray job submit` the job's runtime env already sets its env vars; repeating one is a merge
-    # conflict for Ray, so forward only the others.  OMP_NUM_THREADS=1 that Ray sets for jobs is not ours.
-    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
-    prefixes = ("HF_", "TRANSFORMERS_", "VLLM_", "HICRA_", "WANDB_") + (() if job_env or address else ("OMP_",))
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in job_env}}
-    if runtime_env:
-        env.update(runtime_env)
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+class ComponentDied(RuntimeError):
+    """A remote component died (its actor, or a process it owns); ``index`` is its position in the wait."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
-def bounded_get(refs: Any, timeout_s: float, what: str) -> Any:
-    """ray.get with a deadline; a timeout or a dead actor becomes an error naming ``what``."""
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise ComponentTimeout(f"{what} did not finish within {timeout_s:.0f} s") from None
-    except ray.exceptions.ActorDiedError as err:
-        raise RuntimeError(f"{what}: actor died ({err})") from None
+class ComponentFault(RuntimeError):
+    """Raised by an actor method whose component is broken beyond this call (a dead vLLM engine): the
+    caller may restart the actor and retry, as it would for a dead actor."""
+
+
+POLL_S = 1.0  # longest single wait: Ctrl-C / SIGTERM handlers run between waits
+
+
+def _failure(err: BaseException) -> str | None:
+    """Why a finished ref failed, when the failure is its component's death (else None: a plain error)."""
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)):
+        return f"died ({type(err).__name__}: {_first_line(err)})"
+    cause = getattr(err, "cause", None)
+    if isinstance(err, ComponentFault) or isinstance(cause, ComponentFault):
+        return f"failed: {cause if isinstance(cause, ComponentFault) else err}"
+    return None
+
+
+def wait_each(refs: list, timeout_s: float, what: str, names: list[str] | None = None, *,
+              health: Callable[[list[int]], list[tuple[int, str]]] | None = None, health_every_s: float = 10.0,
+              recover: Callable[[int, str], Any] | None = None, max_recoveries: int = 0) -> list:
+    """The results of ``refs`` (one per component), waited for with a deadline, failing fast.
+
+    Unlike one ``ray.get(refs)`` this returns to Python every ``POLL_S`` (Ctrl-C and SIGTERM handlers run)
+    and notices a component's death the moment it happens, not when the slowest peer is done.  Every
+    ``health_every_s`` it calls ``health(pending indices)``, which returns ``(index, reason)`` of the dead
+    among them (a dead vLLM engine under a live actor).  A death calls ``recover(index, reason)``, which
+    restarts the component and returns the ref of the retried call, at most ``max_recoveries`` times;
+    without ``recover`` (or past that) it raises ``ComponentDied`` naming the component and the reason.
+    """
+    names = names or [f"{what} #{i}" for i in range(len(refs))]
+    results: dict[int, Any] = {}
+    inflight = {ref: i for i, ref in enumerate(refs)}
+    start = last_health = time.monotonic()
+    recoveries = 0
+    while inflight:
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            stuck = ", ".join(names[i] for i in sorted(inflight.values()))
+            raise ComponentTimeout(f"{what} did not finish within {timeout_s:.0f} s (still waiting for {stuck})")
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(POLL_S, left))
+        dead: list[tuple[int, str]] = []
+        for ref in ready:
+            i = inflight.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except Exception as err:
+                reason = _failure(err)
+                if reason is None:
+                    raise
+                dead.append((i, reason))
+        if health is not None and inflight and time.monotonic() - last_health >= health_every_s:
+            last_health = time.monotonic()
+            for i, reason in health(sorted(inflight.values())):
+                inflight = {r: j for r, j in inflight.items() if j != i}
+                dead.append((i, reason))
+        for i, reason in dead:
+            detected = time.monotonic() - start
+            if recover is None or recoveries >= max_recoveries:
+                raise ComponentDied(f"{what}: {names[i]} {reason} (detected after {detected:.0f} s)", i)
+            recoveries += 1
+            inflight[recover(i, reason)] = i
+    return [results[i] for i in range(len(refs))]
+
+
+def probe_health(actors: dict[int, Any], timeout_s: float = 10.0) -> list[tuple[int, str]]:
+    """``(index, reason)`` of each actor whose ``health()`` returns a reason, raises, or does not answer
+    within ``timeout_s`` (the actors run their ``health`` on a second thread)."""
+    refs = {a.health.remote(): i for i, a in actors.items()}
+    ready, late, deadline = [], list(refs), time.monotonic() + timeout_s
+    while late and time.monotonic() < deadline:  # in short waits: signal handlers run in between
+        done, late = ray.wait(late, num_returns=len(late), timeout=min(POLL_S, deadline - time.monotonic()))
+        ready += done
+    out = [(refs[r], f"did not answer a health check within {timeout_s:.0f} s") for r in late]
+    for r in ready:
+        try:
+            reason = ray.get(r)
+        except Exception as err:
+            reason = _failure(err) or f"health check raised {type(err).__name__}: {_first_line(err)}"
+        if reason:
+            out.append((refs[r], reason))
+    return sorted(out)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def bounded_get(refs: Any, timeout_s: float, what: str, names: list[str] | None = None) -> Any:
+    """ray.get with a deadline; a timeout or a dead actor becomes an error naming ``what`` (and, for a
+    list, which of ``names`` died), raised as soon as one fails."""
+    if isinstance(refs, list):
+        return wait_each(refs, timeout_s, what, names)
+    return wait_each([refs], timeout_s, what, names)[0]
 
 
 @dataclass

@@ -184,6 +184,10 @@ class ClusterConfig:
     step_timeout_s: float = 1800.0
     collective_timeout_s: float = 600.0
     torch_threads: Optional[int] = None
+    # fault tolerance: how often a blocked call checks that its rollout workers / verifiers are alive, and
+    # how many dead ones one call may restart before the run fails naming them
+    health_check_s: float = 10.0
+    max_restarts_per_call: int = 2
 
 
 @dataclass
@@ -201,6 +205,9 @@ class TrainerConfig:
     # write every step's rollouts (ids, text, reward, planning mask, token advantages) to
     # <run_dir>/rollouts/step-N.jsonl, to inspect what HICRA credited
     dump_rollouts: bool = False
+    # an update whose loss or gradient is not finite is skipped (counted as faults/nonfinite_updates);
+    # this many in a row stop the run, naming the step
+    max_nonfinite_updates: int = 3
 
 
 @dataclass
@@ -336,6 +343,9 @@ def validate(cfg: TrainConfig) -> None:
            "would need loss scaling the learner does not do: use bfloat16)")
     _check(c.device in ("cpu", "cuda"), "cluster.device", f"must be cpu or cuda, got {c.device!r}")
     _check(t.total_steps >= 1, "trainer.total_steps", "must be >= 1")
+    _check(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
+    _check(c.health_check_s > 0, "cluster.health_check_s", "must be > 0")
+    _check(c.max_restarts_per_call >= 0, "cluster.max_restarts_per_call", "must be >= 0")
     _check(t.save_every >= 0 and t.eval_every >= 0, "trainer.save_every", "must be >= 0")
     _check(t.resume in ("auto", "never") or os.path.isdir(t.resume), "trainer.resume",
            f"{t.resume!r} is neither auto/never nor an existing checkpoint directory")

@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,10 @@ class RunAlreadyComplete(RuntimeError):
     """The run directory already holds a checkpoint at ``trainer.total_steps`` (nothing left to train)."""
 
 
+class NonFiniteUpdates(RuntimeError):
+    """``trainer.max_nonfinite_updates`` updates in a row had a non-finite loss or gradient."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -72,7 +76,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.start_step = 0
         self.eval_prompts, self.eval_meta = [], []
-        self._resources = ExitStack()
+        self.session = None
+        self.nonfinite_updates = 0       # skipped updates in this process
+        self.nonfinite_in_a_row = 0
 
     @property
     def on_policy(self) -> bool:
@@ -151,10 +157,11 @@ class Trainer:
 
         bundles = {f"learner{i}": {"CPU": cl.cpus_per_actor, "GPU": cl.gpus_per_learner} for i in range(lc.num_ranks)}
         bundles["metrics"] = {"CPU": 0.25}
-        session = self._resources.enter_context(FleetSession(
+        session = self.session = FleetSession(
             model_path=self.model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
-            cluster_cfg=cl, seed=cfg.trainer.seed, extra_bundles=bundles))
+            cluster_cfg=cl, seed=cfg.trainer.seed, extra_bundles=bundles).__enter__()
         self.fleet = session.fleet
+        session.after_rollout_restart = self._after_rollout_restart
         threads = cl.torch_threads or max(1, (os.cpu_count() or 1) // lc.num_ranks)
         ranks = [session.start(f"learner{i}", LearnerWorker, i, lc.num_ranks, threads) for i in range(lc.num_ranks)]
         self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device)
@@ -181,6 +188,16 @@ class Trainer:
             self.learners.open_weight_group(self.fleet, cfg.rollout.tensor_parallel_size, cl.collective_timeout_s)
         self.learners.sync_weights(self.fleet)  # vLLM starts from exactly the learner's weights (also after a resume)
         self.setup_seconds = time.perf_counter() - t0
+
+    def _after_rollout_restart(self, worker, index: int) -> None:
+        """A restarted rollout worker gets the current policy weights before it generates again."""
+        if self.cfg.rollout.weight_transport == "broadcast":
+            from hicra_rl.cluster import ComponentDied
+
+            raise ComponentDied(
+                f"rollout worker {index} died and was restarted, but rollout.weight_transport=broadcast cannot "
+                "add a new engine to the open weight group; the run stops here (resume with trainer.resume=auto)")
+        self.learners.sync_weights(self.fleet, [worker])
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -227,6 +244,7 @@ class Trainer:
             stats, forward_lp, forward_entropy = self.learners.update(sequences, old_lp, adv.token, ref_lp)
         if old_lp is None:
             old_lp, entropy = forward_lp, forward_entropy
+        self._count_nonfinite(step, stats)
 
         # 7. new weights to the rollout workers
         with timer("sync"):
@@ -240,6 +258,9 @@ class Trainer:
                  **self._batch_stats(batch, adv, old_lp, r.temperature), **timer.times}
         extra["timing/step_s"] = time.perf_counter() - t_step  # the metrics call itself is in no row
         extra["perf/generate_tokens_per_s"] = sum(batch.lengths) / max(timer.times["timing/generate_s"], 1e-9)
+        extra.update(getattr(self.fleet, "faults", {}))
+        extra["faults/nonfinite_updates"] = float(self.nonfinite_updates)
+        extra["data/prompt_ids"] = [p.id for p in prompts]  # what this step consumed (resume leaves no gap)
         if self.eval_prompts and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
             extra.update(self.run_eval(step))
         payload = dict(
@@ -249,6 +270,22 @@ class Trainer:
             token_entropy=entropy, token_log_probs=old_lp, pass_k=r.group_size,
         )
         return self.metrics.log_step(step + 1, payload, extra)
+
+    def _count_nonfinite(self, step: int, stats: dict) -> None:
+        """A skipped (non-finite) update is counted; ``trainer.max_nonfinite_updates`` in a row stop the run."""
+        if stats.get("actor/nonfinite_skipped", 0.0) > 0:
+            self.nonfinite_updates += 1
+            self.nonfinite_in_a_row += 1
+            limit = self.cfg.trainer.max_nonfinite_updates
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, limit %d)",
+                        step + 1, self.nonfinite_in_a_row, limit)
+            if self.nonfinite_in_a_row >= limit:
+                raise NonFiniteUpdates(
+                    f"step {step + 1}: {self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
+                    f"(trainer.max_nonfinite_updates={limit}); stopping. The newest checkpoint in {self.ckpt_root} "
+                    "holds the last finite weights")
+        else:
+            self.nonfinite_in_a_row = 0
 
     @staticmethod
     def _batch_stats(batch, adv, old_lp: torch.Tensor, temperature: float) -> dict[str, float]:
@@ -321,9 +358,12 @@ class Trainer:
         bar.close()
         return history
 
-    def close(self) -> None:
-        """Close every actor the fleet session started (learners and metrics too) and release Ray."""
-        self._resources.close()
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Close every actor the fleet session started (learners and metrics too) and release Ray; actors
+        that do not close within ``timeout_s`` are killed."""
+        if self.session is not None:
+            self.session.close(timeout_s)
+            self.session = None
 
 
 def console_line(step: int, m: dict[str, float]) -> str:
@@ -340,10 +380,42 @@ def console_line(step: int, m: dict[str, float]) -> str:
             f"step {f('timing/step_s', '{:.1f}')}s")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM: the run stops, closing every actor and the Ray it started."""
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM behaves like Ctrl-C (``Interrupted``) in the main thread; the old handlers come back after.
+    Every wait of the loop returns to Python at least once a second (``cluster.POLL_S``), so either stops
+    the run within seconds."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
     trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
+    with stop_on_signals():
+        try:
+            trainer.setup()
+            history = trainer.run()
+        except BaseException:
+            # failed or interrupted: actors may be stuck (a dead peer, a collective): do not wait long
+            trainer.close(timeout_s=5)
+            raise
         trainer.close()
+    return history

@@ -29,29 +29,61 @@ def split_evenly(items: list, n: int) -> list[list]:
     return out
 
 
-def _bounded_get(refs, timeout_s: float, what: str):
+def _bounded_get(refs, timeout_s: float, what: str, names: list[str] | None = None):
     from hicra_rl.cluster import bounded_get
 
-    return bounded_get(refs, timeout_s, what)
+    return bounded_get(refs, timeout_s, what, names)
 
 
 class Fleet:
-    """Rollout workers + verifier pool as one unit: prompts in, scored responses out."""
+    """Rollout workers + verifier pool as one unit: prompts in, scored responses out.
+
+    Fault tolerance: a rollout worker whose actor or vLLM engine dies mid-call (noticed at once, or by the
+    health check every ``health_every_s``) is restarted through ``restart_rollout(i)`` and its share of the
+    prompts generated again with the same seeds; a verifier that dies or stops answering is restarted
+    through ``restart_verifier(i)`` and its items scored again.  ``faults`` counts the restarts.  Without
+    the restart hooks (or after ``max_restarts`` in one call) the error names the component."""
 
     def __init__(self, rollouts: list, verifiers: list, timeout_s: float, top_p: float = 1.0,
-                 stop: list[str] | None = None):
+                 stop: list[str] | None = None, *, health_every_s: float = 10.0, max_restarts: int = 2,
+                 restart_rollout=None, restart_verifier=None):
         self.rollouts, self.verifiers = rollouts, verifiers
         self.timeout_s, self.top_p, self.stop = timeout_s, top_p, list(stop or []) or None
+        self.health_every_s, self.max_restarts = health_every_s, max_restarts
+        self.restart_rollout, self.restart_verifier = restart_rollout, restart_verifier
+        self.faults = {"faults/rollout_restarts": 0, "faults/verifier_restarts": 0}
+
+    def _resilient(self, actors: list, jobs: list[int], call, what: str, kind: str, restart) -> list:
+        """``call(actor, job)`` for each job on ``actors[job]``, restarting a dead actor and retrying its job."""
+        from hicra_rl.cluster import probe_health, wait_each
+
+        def health(pending: list[int]) -> list[tuple[int, str]]:
+            return probe_health({k: actors[jobs[k]] for k in pending})
+
+        def recover(k: int, reason: str):
+            j = jobs[k]
+            log.warning("%s: %s %d %s; restarting it and retrying its share", what, kind, j, reason)
+            actors[j] = restart(j)
+            self.faults[f"faults/{kind}_restarts"] += 1
+            return call(actors[j], j)
+
+        return wait_each([call(actors[j], j) for j in jobs], self.timeout_s, what,
+                         [f"{kind} worker {j}" for j in jobs], health=health, health_every_s=self.health_every_s,
+                         recover=recover if restart is not None else None, max_recoveries=self.max_restarts)
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seed: int) -> RolloutBatch:
         """``n`` samples per prompt, the prompts split over the rollout workers; prompt-major, with
-        ``group_ids`` = the prompt's index in ``prompt_ids``."""
+        ``group_ids`` = the prompt's index in ``prompt_ids``.  Worker ``j`` samples with seed ``seed + j``
+        (also when it is restarted mid-call: the retry samples the same responses)."""
         chunks = split_evenly(list(range(len(prompt_ids))), len(self.rollouts))
-        refs = [w.generate.remote([prompt_ids[i] for i in chunk], n, temperature, self.top_p, max_tokens, seed + j,
-                                  self.stop)
-                for j, (w, chunk) in enumerate(zip(self.rollouts, chunks))]
-        parts = _bounded_get(refs, self.timeout_s, "rollout workers (generate)")
+
+        def call(worker, j):
+            return worker.generate.remote([prompt_ids[i] for i in chunks[j]], n, temperature, self.top_p,
+                                          max_tokens, seed + j, self.stop)
+
+        parts = self._resilient(self.rollouts, list(range(len(chunks))), call, "rollout workers (generate)",
+                                "rollout", self.restart_rollout)
         return RolloutBatch.concat(parts, [chunk[0] for chunk in chunks])
 
     def score(self, batch: RolloutBatch) -> list:
@@ -61,9 +93,14 @@ class Fleet:
         items = list(zip(batch.response_texts, batch.golds, batch.tasks))
         lengths, finished = batch.lengths, [r == "stop" for r in batch.finish_reasons]
         chunks = split_evenly(list(range(len(items))), len(self.verifiers))
-        refs = [v.score.remote([items[i] for i in c], [lengths[i] for i in c], [finished[i] for i in c])
-                for v, c in zip(self.verifiers, chunks)]
-        return [r for part in _bounded_get(refs, self.timeout_s, "verifier pool (score)") for r in part]
+
+        def call(verifier, j):
+            c = chunks[j]
+            return verifier.score.remote([items[i] for i in c], [lengths[i] for i in c], [finished[i] for i in c])
+
+        parts = self._resilient(self.verifiers, list(range(len(chunks))), call, "verifier pool (score)",
+                                "verifier", self.restart_verifier)
+        return [r for part in parts for r in part]
 
 
 class LearnerGroup:
@@ -73,7 +110,10 @@ class LearnerGroup:
         self.learners, self.timeout_s, self.device = learners, timeout_s, device
 
     def _get(self, refs, what: str):
-        return _bounded_get(refs, self.timeout_s, what)
+        """Bounded wait; a rank that dies fails the call at once, naming the rank (not after the
+        collective timeout of the ranks still waiting for it)."""
+        names = [f"learner rank {i}" for i in range(len(refs))] if isinstance(refs, list) else ["learner rank 0"]
+        return _bounded_get(refs, self.timeout_s, what, names)
 
     def _shards(self, n: int) -> list[slice]:
         per = n // len(self.learners)
@@ -121,15 +161,17 @@ class LearnerGroup:
             for i, w in enumerate(fleet.rollouts)]
         self._get(refs, f"weight group ({world} members at {host}:{port})")
 
-    def sync_weights(self, fleet: Fleet) -> dict[str, float]:
-        """Learner -> every vLLM engine; returns the ``sync/*`` metrics."""
+    def sync_weights(self, fleet: Fleet, workers: list | None = None) -> dict[str, float]:
+        """Learner -> every vLLM engine of ``fleet`` (or only ``workers``); returns the ``sync/*`` metrics."""
         t0 = time.perf_counter()
         handle = self._get([w.publish_weights.remote() for w in self.learners], "learner ranks (gather weights)")[0]
+        targets = fleet.rollouts if workers is None else workers
         try:
-            receives = [w.receive_weights.remote(handle) for w in fleet.rollouts]
+            receives = [w.receive_weights.remote(handle) for w in targets]
             if handle.transport == "broadcast":  # sender and receivers run the collective together
                 self._get(self.learners[0].send_weights.remote(), "learner rank 0 (weight broadcast)")
-            stats = self._get(receives, "rollout workers (weight sync)")
+            stats = _bounded_get(receives, self.timeout_s, "rollout workers (weight sync)",
+                                 [f"rollout worker {i}" for i in range(len(receives))])
         finally:
             self._get(self.learners[0].release_weights.remote(handle), "learner rank 0 (release weights)")
         return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,
@@ -177,29 +219,36 @@ class FleetSession:
     """``with FleetSession(...) as session:`` — Ray connected (or started, and stopped at exit), one
     placement group reserved for the fleet plus ``extra_bundles``, rollout workers and verifiers started
     and ready (``session.fleet``).  ``session.start(name, cls, ...)`` starts another actor in its bundle;
-    every actor started here is closed (``close()``) and killed at exit, then the reservation released."""
+    every actor started here is closed (``close()``) and killed at exit, then the reservation released.
+
+    A rollout worker or verifier that dies is restarted in its own bundle (``restart``); after a rollout
+    worker restart ``after_rollout_restart(actor)`` runs (the trainer re-syncs the policy weights)."""
 
     def __init__(self, *, model_path: str, model_cfg, rollout_cfg, reward_cfg, cluster_cfg, seed: int,
                  extra_bundles: dict[str, dict[str, float]] | None = None):
         self.model_path, self.model_cfg, self.rollout_cfg = model_path, model_cfg, rollout_cfg
         self.reward_cfg, self.cluster_cfg, self.seed = reward_cfg, cluster_cfg, seed
         self.bundles = {**(extra_bundles or {}), **fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg)}
-        self.actors: list[tuple[str, Any]] = []
+        self.actors: dict[str, Any] = {}
+        self.specs: dict[str, tuple] = {}
+        self.identities: dict[str, dict] = {}  # rollout workers: host, pids, shm files (for messages, clean-up)
         self.reservation = None
         self.started_ray = False
         self.fleet: Fleet | None = None
         self.startup_seconds: list[float] = []
+        self.after_rollout_restart = None
 
     def __enter__(self) -> FleetSession:
         try:
             self._open()
         except BaseException:
-            self.close()
+            self.close(timeout_s=10)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # interrupted or failed: do not wait long for actors that may be stuck
+        self.close(timeout_s=60 if exc_type is None else 8)
 
     def _open(self) -> None:
         import ray
@@ -211,22 +260,30 @@ class FleetSession:
         self.started_ray = not ray.is_initialized() and not (cl.address or os.environ.get("RAY_ADDRESS"))
         cluster.connect(cl.address, cl.num_cpus)
         self.reservation = cluster.reserve(self.bundles, cl.actor_start_timeout_s)
+        # two threads each: ``health`` answers while ``generate``/``score`` is blocked
         rollouts = [self.start(f"rollout{i}", RolloutWorker, self.model_path, dtype=m.dtype,
                                max_model_len=m.max_model_len, seed=self.seed + i,
                                tensor_parallel_size=r.tensor_parallel_size,
                                gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-                               cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager)
+                               cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager, _max_concurrency=2)
                     for i in range(r.num_workers)]
         shaping = verifier_shaping(self.reward_cfg, r.max_new_tokens)
         verifiers = [self.start(f"verifier{i}", VerifierWorker, self.reward_cfg.timeout_s,
-                                self.reward_cfg.answer_mode, shaping) for i in range(self.reward_cfg.num_workers)]
-        self.fleet = Fleet(rollouts, verifiers, cl.step_timeout_s, r.top_p, list(r.stop))
+                                self.reward_cfg.answer_mode, shaping, _max_concurrency=2)
+                     for i in range(self.reward_cfg.num_workers)]
+        self.fleet = Fleet(rollouts, verifiers, cl.step_timeout_s, r.top_p, list(r.stop),
+                           health_every_s=cl.health_check_s, max_restarts=cl.max_restarts_per_call,
+                           restart_rollout=lambda i: self.restart_rollout(i),
+                           restart_verifier=lambda i: self.restart(f"verifier{i}"))
 
     def wait_ready(self) -> None:
         """Block until the vLLM engines and the verifier pool are up (bounded; the error names which)."""
         timeout = self.cluster_cfg.actor_start_timeout_s
         self.startup_seconds = _bounded_get([w.ready.remote() for w in self.fleet.rollouts], timeout,
-                                            "rollout workers (vLLM start-up)")
+                                            "rollout workers (vLLM start-up)",
+                                            [f"rollout worker {i}" for i in range(len(self.fleet.rollouts))])
+        for i, w in enumerate(self.fleet.rollouts):
+            self.identities[f"rollout{i}"] = _bounded_get(w.identity.remote(), timeout, f"rollout worker {i}")
         _bounded_get([v.stats.remote() for v in self.fleet.verifiers], timeout, "verifier pool start-up")
         log.info("vLLM engines started in %s s", [round(s, 1) for s in self.startup_seconds])
 
@@ -235,29 +292,88 @@ class FleetSession:
         return dict(scheduling_strategy=self.reservation.strategy(name), num_cpus=b.get("CPU", 0),
                     num_gpus=b.get("GPU", 0))
 
-    def start(self, name: str, cls, *args, **kwargs):
+    def start(self, name: str, cls, *args, _max_concurrency: int = 1, **kwargs):
         """Start actor ``cls(*args, **kwargs)`` in bundle ``name``; it is closed and killed at exit."""
         import ray
 
-        actor = ray.remote(cls).options(**self.options(name)).remote(*args, **kwargs)
-        self.actors.append((name, actor))
+        actor = ray.remote(cls).options(max_concurrency=_max_concurrency, **self.options(name)).remote(*args, **kwargs)
+        self.actors[name] = actor
+        self.specs[name] = (cls, args, kwargs, _max_concurrency)
         return actor
 
-    def close(self) -> None:
+    def restart(self, name: str):
+        """Kill actor ``name`` (whatever state it is in) and start it again in its bundle, ready."""
+        import ray
+
+        old = self.actors.pop(name)
+        ray.kill(old, no_restart=True)
+        self._clean_up_after(name)
+        cls, args, kwargs, conc = self.specs[name]
+        actor = self.start(name, cls, *args, _max_concurrency=conc, **kwargs)
+        ready = actor.ready if hasattr(cls, "ready") else actor.health
+        _bounded_get(ready.remote(), self.cluster_cfg.actor_start_timeout_s, f"{name} (restart)")
+        return actor
+
+    def restart_rollout(self, i: int):
+        """Restart rollout worker ``i`` (a new vLLM engine) and give it the current policy weights."""
+        name = f"rollout{i}"
+        where = self.identities.get(name, {}).get("host", "?")
+        t0 = time.perf_counter()
+        actor = self.restart(name)
+        self.identities[name] = _bounded_get(actor.identity.remote(), self.cluster_cfg.actor_start_timeout_s, name)
+        if self.after_rollout_restart is not None:
+            self.after_rollout_restart(actor, i)
+        log.warning("rollout worker %d (host %s) restarted with the current weights in %.0f s", i, where,
+                    time.perf_counter() - t0)
+        return actor
+
+    def _clean_up_after(self, name: str) -> None:
+        """What a killed rollout worker leaves on this host: vLLM engine processes and /dev/shm files."""
+        import signal
+        import socket
+
+        ident = self.identities.pop(name, None)
+        if not ident or ident.get("host") != socket.gethostname():
+            return
+        for pid in ident.get("engine_pids", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for path in ident.get("shm_files", []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Ask every actor to ``close()`` (at most ``timeout_s`` in all), kill them, release the
+        reservation, stop a Ray this session started."""
         import ray
 
         if self.actors:
-            refs = {name: a.close.remote() for name, a in self.actors}
-            for name, ref in refs.items():
+            refs = {a.close.remote(): name for name, a in self.actors.items()}
+            try:
+                done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+            except BaseException:  # interrupted again while closing: kill without waiting
+                done, late = [], list(refs)
+            for ref in done:
                 try:
-                    ray.get(ref, timeout=120)
+                    ray.get(ref)
                 except Exception as err:  # shutting down: report, keep going
-                    log.warning("closing %s: %s", name, err)
-            for _, a in self.actors:
-                ray.kill(a)
-            self.actors = []
+                    log.warning("closing %s: %s", refs[ref], str(err).splitlines()[0] if str(err) else err)
+            for ref in late:
+                log.warning("closing %s: no answer within %.0f s; killed", refs[ref], timeout_s)
+            for a in self.actors.values():
+                ray.kill(a, no_restart=True)
+            for name in [n for n in self.identities if n in {refs[r] for r in late}]:
+                self._clean_up_after(name)
+            self.actors = {}
         if self.reservation is not None:
-            self.reservation.release()
+            try:
+                self.reservation.release()
+            except Exception as err:
+                log.warning("releasing the placement group: %s", err)
             self.reservation = None
         if self.started_ray:
             ray.shutdown()

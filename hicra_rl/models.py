@@ -136,10 +136,34 @@ def _hf_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.gguf")
+
+
+def check_model_dir(path: str | os.PathLike) -> str:
+    """The absolute path of a local Hugging Face model folder, or FileNotFoundError naming what it lacks
+    (``config.json``, weights, tokenizer files): caught here rather than deep inside transformers / vLLM."""
+    folder = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is not an existing directory")
+    lacks = []
+    if not (folder / "config.json").is_file():
+        lacks.append("config.json")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        lacks.append("weights (*.safetensors / *.bin)")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        lacks.append(f"tokenizer files (one of {', '.join(_TOKENIZER_FILES)})")
+    if lacks:
+        raise FileNotFoundError(f"model directory {str(folder)!r} is not a Hugging Face model folder: it lacks "
+                                f"{'; '.join(lacks)}")
+    return str(folder)
+
+
 def resolve_model(name_or_path: str) -> str:
     """Map a model setting to what transformers / vLLM load.
 
-    ``"smollm2-135m-instruct"`` -> ``prepare_smollm2()``; an existing local directory -> itself; a path
+    ``"smollm2-135m-instruct"`` -> ``prepare_smollm2()``; an existing local directory -> itself (checked by
+    :func:`check_model_dir`: a folder without config, weights or tokenizer is refused here); a path
     that looks local (``/``, ``.``, ``~``) but does not exist -> FileNotFoundError; anything else is an
     HF hub name, which needs network (offline it resolves only when already in the local HF cache).
     """
@@ -147,7 +171,7 @@ def resolve_model(name_or_path: str) -> str:
         return prepare_smollm2()
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
-        return os.path.abspath(expanded)
+        return check_model_dir(expanded)
     if name_or_path.startswith(("/", ".", "~")) or os.path.exists(expanded):
         raise FileNotFoundError(f"model path {name_or_path!r} is not an existing directory")
     if _hf_offline():

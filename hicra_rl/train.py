@@ -12,13 +12,18 @@ register_configs()  # the schema is in the ConfigStore for Hydra's compose API a
 def run(cfg: TrainConfig) -> None:
     import sys
 
-    from hicra_rl.driver import RunAlreadyComplete, train
+    from hicra_rl.driver import Interrupted, RunAlreadyComplete, train
 
     try:
         history = train(cfg)
     except RunAlreadyComplete as done:  # nothing to do: say so before starting anything (exit 0)
         print(f"hicra-train: {done}", file=sys.stderr)
         return
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: actors closed, Ray stopped; resume continues
+        why = str(stop) if isinstance(stop, Interrupted) else "SIGINT"
+        print(f"hicra-train: stopped by {why}; every actor closed. The same command resumes from the newest "
+              f"checkpoint in {os.path.abspath(cfg.trainer.run_dir)}/checkpoints", file=sys.stderr)
+        sys.exit(130)
     if history:
         print(f"done: {len(history)} steps this run; metrics in {os.path.abspath(cfg.trainer.run_dir)}/metrics.jsonl")
 

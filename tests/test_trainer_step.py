@@ -157,3 +157,37 @@ def test_old_log_probs_are_recomputed_when_not_on_policy(tmp_path):
     _, old_lp, _ = trainer.learners.updates[0]
     assert trainer.learners.forwards == 1 and old_lp.shape == (4, 8)
     assert m["rollout/logprob_diff_vllm"] == pytest.approx(0.5)
+
+
+class NonFiniteLearners(FakeLearners):
+    """Updates 2, 3 and 4 (of 1-based calls) report a skipped non-finite update."""
+
+    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None):
+        stats, lp, ent = super().update(sequences, old_log_probs, advantages, ref_log_probs)
+        stats["actor/nonfinite_skipped"] = 1.0 if len(self.updates) in (2, 3, 4) else 0.0
+        return stats, lp, ent
+
+
+def test_nonfinite_updates_are_counted_and_k_in_a_row_stop_the_run(tmp_path):
+    from hicra_rl.driver import NonFiniteUpdates
+
+    trainer, metrics = make_trainer(tmp_path, total_steps=6, save_every=0, max_nonfinite_updates=3)
+    trainer.learners = NonFiniteLearners()
+    with pytest.raises(NonFiniteUpdates, match=r"step 4: 3 updates in a row .*max_nonfinite_updates=3"):
+        trainer.run()
+    metrics.close()
+    rows = read_metrics(str(tmp_path))
+    # steps 1-3 were logged (step 4 raised before its metrics); the counter is cumulative
+    assert [r["faults/nonfinite_updates"] for r in rows] == [0.0, 1.0, 2.0]
+    # the prompts each step consumed are in its row: the data order, no gap
+    assert [r["data/prompt_ids"] for r in rows] == [
+        [f"p{i}" for i in prompt_indices(s, 5, 2, 0, True)] for s in range(3)]
+
+
+def test_a_finite_update_resets_the_nonfinite_streak(tmp_path):
+    trainer, metrics = make_trainer(tmp_path, total_steps=6, save_every=0, max_nonfinite_updates=4)
+    trainer.learners = NonFiniteLearners()  # 3 skipped in a row, then finite ones: never 4 in a row
+    history = trainer.run()
+    metrics.close()
+    assert len(history) == 6 and history[-1]["faults/nonfinite_updates"] == 3.0
+    assert trainer.nonfinite_in_a_row == 0

@@ -190,17 +190,41 @@ def builtin_spec(name: str, path: str | None = None, data_root: str | Path | Non
 # ---------------------------------------------------------------- reading sources
 
 
+class _RowError(Exception):
+    """A line of a JSONL file that is no row (bad UTF-8, bad JSON): becomes a bad row naming that line."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field_name, reason
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                out.append((line_no, exc))
+    """(line number, parsed object) for every non-blank line; a line that is not UTF-8 or not JSON gives
+    (line number, :class:`_RowError`).  A ``.json`` file holding one JSON array is read as its items."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        return list(enumerate(items, start=1))
+    out: list[tuple[int, Any]] = []
+    for line_no, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.append((line_no, _RowError("<utf-8>", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                      f"{exc.start + 1})")))
+            continue
+        if not line.strip():
+            continue
+        try:
+            out.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            out.append((line_no, _RowError("<json>", f"not valid JSON at column {exc.colno}: {exc.msg}")))
     return out
 
 
@@ -216,7 +240,10 @@ def _read_source(spec: DatasetSpec) -> tuple[str, list[tuple[int, Any]]]:
     if not path.exists():
         raise FileNotFoundError(f"dataset {spec.name!r}: {path} does not exist")
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as exc:  # a folder save_to_disk did not write
+            raise ValueError(f"dataset {spec.name!r}: {path} is a directory but not a save_to_disk dataset ({exc})") from None
         if isinstance(ds, datasets.DatasetDict):
             if spec.split not in ds:
                 raise ValueError(f"{path}: no split {spec.split!r}; splits: {list(ds)}")
@@ -226,8 +253,14 @@ def _read_source(spec: DatasetSpec) -> tuple[str, list[tuple[int, Any]]]:
     if suffix in (".jsonl", ".json"):
         return str(path), _read_jsonl(path)
     if suffix == ".parquet":
+        if path.stat().st_size == 0:
+            raise ValueError(f"dataset {spec.name!r}: {path} is empty (0 bytes), not a Parquet file")
         with tempfile.TemporaryDirectory(prefix="hicra-parquet-") as cache_dir:  # leave no cache behind
-            ds = datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir, keep_in_memory=True)
+            try:
+                ds = datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir, keep_in_memory=True)
+            except Exception as exc:  # pyarrow's ArrowInvalid and friends do not name the file
+                raise ValueError(f"dataset {spec.name!r}: {path} is not a readable Parquet file: "
+                                 f"{type(exc).__name__}: {exc}") from None
             return str(path), list(enumerate(ds, start=1))
     raise ValueError(f"dataset {spec.name!r}: {path} is not .jsonl, .json, .parquet or a save_to_disk directory")
 
@@ -262,8 +295,8 @@ def _level(value: Any) -> int:
 
 def _convert_row(spec: DatasetSpec, row: Any, row_no: int) -> dict[str, Any] | tuple[str, str]:
     """The row in the common schema, or (field, reason) when it is bad."""
-    if isinstance(row, Exception):
-        return "<json>", f"not valid JSON ({row})"
+    if isinstance(row, _RowError):
+        return row.field, row.reason
     if not isinstance(row, Mapping):
         return "<row>", f"expected an object, got {type(row).__name__}"
     fm = spec.fields
@@ -321,7 +354,9 @@ def _finish(name: str, source: str, records: list[dict], skipped: list[BadRow]) 
         log.warning("%s: skipped %d bad row(s) of %d: %s%s", source, len(skipped), len(records) + len(skipped),
                     shown, " ..." if len(skipped) > 5 else "")
     if not records:
-        raise ValueError(f"{source}: no usable rows ({len(skipped)} skipped as bad)")
+        if not skipped:
+            raise ValueError(f"{source}: no rows (the source is empty or has only blank lines)")
+        raise ValueError(f"{source}: no usable rows (all {len(skipped)} skipped as bad, first: {skipped[0]})")
     columns = {c: [r[c] for r in records] for c in COLUMNS}
     return ProblemSet(name, source, datasets.Dataset.from_dict(columns, features=_FEATURES), skipped)
 

@@ -16,6 +16,7 @@ logging the count.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -73,9 +74,19 @@ def _load(cfg, seed: int, role: str) -> ProblemSet:
     if cfg.source == "reasoning_gym":
         if not cfg.task:
             raise ValueError("data.task must name a reasoning-gym task when data.source=reasoning_gym")
-        return heldout_task_problems(cfg.task, cfg.size, seed, role, dict(cfg.task_config))
+        try:
+            return heldout_task_problems(cfg.task, cfg.size, seed, role, dict(cfg.task_config))
+        except (AssertionError, TypeError, KeyError) as exc:  # reasoning-gym's own checks of its config
+            raise ValueError(f"data {cfg.name!r}: reasoning-gym task {cfg.task!r} rejected data.task_config="
+                             f"{dict(cfg.task_config)}: {type(exc).__name__}: {exc}") from exc
+    if cfg.size is not None and cfg.size < 0:
+        raise ValueError(f"data {cfg.name!r}: data.size must be >= 0 (0: every row of the file), got {cfg.size}")
     overrides = {"on_bad_row": cfg.on_bad_row}
     if cfg.fields:
+        known = [f.name for f in dataclasses.fields(FieldMap)]
+        unknown = sorted(set(cfg.fields) - set(known))
+        if unknown:
+            raise ValueError(f"data {cfg.name!r}: data.fields has unknown key(s) {unknown}; known: {', '.join(known)}")
         overrides["fields"] = FieldMap(**dict(cfg.fields))
     if cfg.source in BUILTINS:
         name = BUILTINS[cfg.source] or f"gsm8k_{data_split(cfg)}"
@@ -100,8 +111,12 @@ def _load(cfg, seed: int, role: str) -> ProblemSet:
 def load_prompts(cfg, tokenizer, seed: int, role: str | None = None, exclude=None) -> tuple[ProblemSet, PromptSet]:
     """The problems (see :func:`load_problem_set`) and their chat prompts."""
     problems = load_problem_set(cfg, seed, role, exclude)
+    if cfg.max_prompt_tokens <= 0:
+        raise ValueError(f"data {cfg.name!r}: data.max_prompt_tokens must be > 0, got {cfg.max_prompt_tokens}")
+    # ``data.chat_template`` is read when the config schema has it (for a tokenizer without a template)
     pcfg = PromptConfig(system=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
-                        on_too_long="skip" if cfg.on_bad_row == "skip" else "error")
+                        on_too_long="skip" if cfg.on_bad_row == "skip" else "error",
+                        chat_template=getattr(cfg, "chat_template", None) or None)
     prompts = build_prompts(tokenizer, problems.rows, pcfg)
     if not prompts.prompts:
         raise ValueError(f"dataset {cfg.name!r} produced no prompts")

@@ -11,6 +11,14 @@ Layout of ``<run_dir>/step-N/`` (the run directory must be shared by all ranks):
 Everything is written into ``<run_dir>/.tmp-step-N``, fsynced, then renamed to ``step-N`` with
 ``os.replace`` (atomic on one filesystem); the ``latest`` marker is written after the rename.  A crash
 leaves at worst a ``.tmp-*`` folder, which ``find_latest_complete`` ignores.
+
+Loading never unpickles arbitrary objects: ``rng/*.pt`` and DeepSpeed's own ``*.pt`` files are read with
+``torch.load(..., weights_only=True)`` and an allowlist of the few non-tensor classes they hold (numpy's
+array reconstruction for the RNG state; ZeroStageEnum, LossScaler, DynamicLossScaler and fragment_address
+for DeepSpeed).  DeepSpeed 0.19.8 itself calls ``torch.load(weights_only=False)`` in its
+``TorchCheckpointEngine``; :func:`load_checkpoint` swaps in a weights-only engine for the duration of the
+load.  A file that needs any other class is refused with a message naming it; set
+``HICRA_TRUSTED_CHECKPOINTS=1`` to load such a checkpoint anyway (only one you wrote yourself).
 """
 from __future__ import annotations
 
@@ -34,6 +42,54 @@ _DS_TAG = "state"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
                    "chat_template.json")
+
+
+TRUST_ENV = "HICRA_TRUSTED_CHECKPOINTS"
+
+
+def _safe_globals() -> list:
+    """The non-tensor classes a checkpoint of this project may hold (checked on ZeRO-2 and ZeRO-3 saves)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), ZeroStageEnum, fragment_address,
+            LossScaler, DynamicLossScaler]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location=None):
+    """``torch.load`` with ``weights_only=True`` and the allowlist of :func:`_safe_globals`; anything else
+    is refused with an error naming the file and the classes it wanted (``$HICRA_TRUSTED_CHECKPOINTS=1``:
+    a plain unpickling load instead, for a checkpoint you trust)."""
+    if os.environ.get(TRUST_ENV, "").lower() in ("1", "true", "yes"):
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        if "weights_only" not in str(err) and "Unsupported global" not in str(err):
+            raise
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 -- only for the message
+            wanted = ["?"]
+        raise RuntimeError(f"{path}: refusing to unpickle {', '.join(wanted)} (a checkpoint loads with "
+                           f"weights_only=True and an allowlist); if you wrote this checkpoint yourself, set "
+                           f"{TRUST_ENV}=1 to load it anyway") from None
+
+
+class _WeightsOnlyCheckpointEngine:
+    """Wraps a DeepSpeed checkpoint engine: ``load`` is :func:`safe_torch_load`, the rest is delegated."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def load(self, path: str, map_location=None):
+        return safe_torch_load(path, map_location=map_location)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def step_dir_name(step: int) -> str:
@@ -182,12 +238,18 @@ def load_checkpoint(learner, ckpt_dir: str | os.PathLike) -> dict:
     for key, have in (("world_size", learner.world_size), ("zero_stage", learner.cfg.zero_stage)):
         if manifest[key] != have:
             raise ValueError(f"{ckpt_dir / MANIFEST}: field {key!r} is {manifest[key]}, this learner has {have}")
-    load_path, _ = learner.engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=_DS_TAG,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+    engine = learner.engine
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(original)  # DeepSpeed's own passes weights_only=False
+    try:
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=_DS_TAG,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        engine.checkpoint_engine = original
     if load_path is None:
         raise RuntimeError(f"{ckpt_dir / 'deepspeed' / _DS_TAG}: DeepSpeed could not load the checkpoint")
     rng_file = ckpt_dir / "rng" / f"rank{learner.rank}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(safe_torch_load(rng_file))
     extra = json.loads((ckpt_dir / "extra.json").read_text())
     learner.barrier()
     return extra

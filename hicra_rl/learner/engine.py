@@ -341,6 +341,7 @@ class PolicyLearner:
                 out = self.gradient_step(part.input_ids, part.attention_mask, part.response_mask,
                                          self._ppo_loss_fn(part), loss_mask=part.loss_mask, width=width)
                 out["actor/grad_norm"] = out.pop("grad_norm")
+                out["actor/nonfinite_skipped"] = out.pop("nonfinite_skipped")
                 out["actor/n_tokens"] = out.pop("n_tokens")
                 out["perf/padding_frac"] = out.pop("padding_frac")
                 forward_tokens += out.pop("forward_tokens")
@@ -422,16 +423,26 @@ class PolicyLearner:
                 summed[k] = summed.get(k, 0.0) + v
             for k, v in mb_means.items():
                 weighted[k] = weighted.get(k, 0.0) + v * mb_tokens
-        grad_norm = self._local_grad_norm() if self._needs_own_grad_norm() else None
-        engine.step()
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
+        # A non-finite gradient norm skips the optimizer step: DeepSpeed's ZeRO optimizers do it themselves
+        # (their overflow check: grads cleared, norm reported as inf); the plain fp32 path skips it here.
+        if self._needs_own_grad_norm():
+            grad_norm = self._local_grad_norm()
+            skipped = not math.isfinite(grad_norm)
+            if skipped:
+                engine.zero_grad()
+            else:
+                engine.step()
+        else:
+            engine.step()
+            grad_norm = engine.get_global_grad_norm()  # None when DeepSpeed computed no norm (no clipping)
+            skipped = grad_norm is not None and not math.isfinite(float(grad_norm))
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         keys_summed, keys_weighted = sorted(summed), sorted(weighted)
         totals = self._all_reduce_sum([summed[k] for k in keys_summed] + [weighted[k] for k in keys_weighted])
         out = dict(zip(keys_summed, totals[:len(keys_summed)]))
         out.update({k: v / max(n_tok, 1.0) for k, v in zip(keys_weighted, totals[len(keys_summed):])})
         out["grad_norm"] = grad_norm
+        out["nonfinite_skipped"] = float(skipped)
         out["n_tokens"] = n_tok
         out["padding_frac"] = 1.0 - real_tokens / max(padded_tokens, 1.0)
         out["forward_tokens"] = real_tokens

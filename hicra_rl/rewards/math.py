@@ -2,13 +2,18 @@
 
 Model output is only ever parsed (regexes, brace matching, math-verify's LaTeX parser): never passed
 to ``eval``/``exec``.  math-verify's own ``signal.alarm`` timeouts are disabled here (they raise outside
-the main thread); wall-clock bounds are the job of :mod:`hicra_rl.rewards.pool`, which runs these
-functions in a killable process.
+the main thread, and cannot interrupt sympy's C-level big-integer arithmetic anyway); wall-clock bounds
+are the job of :mod:`hicra_rl.rewards.pool`, which runs these functions in a killable process.  The public
+:func:`verify` uses such a pool by default (``timeout_s=10``): a module-level one, created on first use and
+closed at interpreter exit.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,6 +32,7 @@ __all__ = [
 
 ANSWER_MODES = ("boxed", "strict_boxed", "gsm8k", "last_number", "boxed_or_last_number")
 
+log = logging.getLogger(__name__)
 # math-verify warns once that its timeout is off; the pool bounds time instead.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
@@ -148,16 +154,90 @@ def answers_equivalent(answer: str, gold: str) -> bool:
     return bool(_mv_verify(gold_parsed, _parse_answer(answer), timeout_seconds=None))
 
 
-def verify(response: str, gold: str, mode: str = "boxed") -> bool:
+def verify(response: str, gold: str, mode: str = "boxed", *, timeout_s: float | None = 10.0) -> bool:
     """True when the final answer extracted from ``response`` equals ``gold`` mathematically.
 
     Equivalence is math-verify's: fractions/decimals, radicals, intervals, tuples, degrees, ``\\text{}``
-    units and text answers.  Not time-bounded by itself: see :class:`hicra_rl.rewards.pool.TimeBoundedVerifier`.
+    units and text answers.
+
+    ``timeout_s`` bounds the equivalence check in wall-clock seconds (default 10): it runs in a worker
+    process of a module-level :class:`hicra_rl.rewards.pool.TimeBoundedVerifier` (started on the first
+    call, which costs a few seconds once; reused afterwards; closed at interpreter exit), which is killed
+    when it overruns; the answer then counts as wrong (False).  A hostile answer such as
+    ``\\boxed{9^{9^{9^{9^{9}}}}}`` would otherwise make sympy compute for ever, and neither a signal
+    handler nor a thread can interrupt it.  A verifier error or a worker that dies (e.g. at its memory
+    limit) also gives False.  Calls from several threads share the one worker and take turns (a call may
+    wait for another's check before its own bound starts).  ``timeout_s=None`` checks in this process
+    with no bound (fast, no worker process; for trusted answers only).  Answer extraction is linear-time
+    and always runs here, so an unknown ``mode`` raises ValueError on either path.
     """
     answer = extract_answer(response, mode)
     if answer is None:
         return False
-    return answers_equivalent(answer, gold)
+    if timeout_s is None:
+        return answers_equivalent(answer, gold)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
+    return _verify_bounded(response, gold, mode, float(timeout_s))
+
+
+# ---------------------------------------------------------------- the bounded path of verify()
+
+_BOUNDED_LOCK = threading.Lock()
+_bounded_pool = None        # the TimeBoundedVerifier of verify(); created lazily under _BOUNDED_LOCK
+_bounded_pool_pid = None    # the process that created it (a forked child must not use its parent's pipes)
+_atexit_registered = False
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: forget the parent's pool (its pipes and workers are the parent's) and lock."""
+    global _BOUNDED_LOCK, _bounded_pool, _bounded_pool_pid
+    _BOUNDED_LOCK = threading.Lock()
+    _bounded_pool, _bounded_pool_pid = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _close_bounded_pool() -> None:
+    """Stop the worker process of verify()'s pool, if this process made one (registered with atexit)."""
+    global _bounded_pool, _bounded_pool_pid
+    pool, owner = _bounded_pool, _bounded_pool_pid
+    _bounded_pool, _bounded_pool_pid = None, None
+    if pool is not None and owner == os.getpid():
+        pool.close()
+
+
+def _verify_bounded(response: str, gold: str, mode: str, timeout_s: float) -> bool:
+    global _bounded_pool, _bounded_pool_pid, _atexit_registered
+    with _BOUNDED_LOCK:
+        if _bounded_pool is None or _bounded_pool_pid != os.getpid():
+            # imported here: hicra_rl.rewards.pool imports this module
+            from hicra_rl.rewards.pool import TimeBoundedVerifier
+
+            _bounded_pool = TimeBoundedVerifier(time_limit_s=timeout_s, num_workers=1, answer_mode=mode,
+                                                spare_worker=False, import_main=False)
+            _bounded_pool_pid = os.getpid()
+            if not _atexit_registered:
+                # registered after multiprocessing's own exit hook, so it runs before it (atexit is LIFO)
+                atexit.register(_close_bounded_pool)
+                _atexit_registered = True
+        pool = _bounded_pool
+        # the pool is private to verify() and used under the lock: set this call's bound and mode
+        pool.time_limit_s = timeout_s
+        pool.answer_mode = mode
+        try:
+            result = pool.score_batch([(response, gold, "math")])[0]
+        except BaseException:
+            # e.g. KeyboardInterrupt mid-check: the worker may still owe an answer; start afresh next time
+            _close_bounded_pool()
+            raise
+    if result.timed_out:
+        log.warning("verify: answer %.60r not checked within %.3g s: counted as wrong", result.extracted, timeout_s)
+    elif result.error is not None:
+        log.warning("verify: the check failed (%s): counted as wrong", result.error)
+    return result.correct
 
 
 # ---------------------------------------------------------------- reward shaping (DAPO, off by default)

@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import resource
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -134,15 +135,35 @@ def _worker_main(conn, memory_limit_bytes: int | None) -> None:
         return
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """While a worker starts: hide ``__main__``'s file and spec, so that a spawn/forkserver child does not
+    re-run the parent's script (the worker needs only importable modules).  A script that calls
+    :func:`hicra_rl.rewards.math.verify` at top level, without ``if __name__ == "__main__":``, then works."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 class _Worker:
     """One verifier process and the indices of the items sent to it, in order."""
 
-    def __init__(self, ctx, memory_limit_bytes: int | None):
+    def __init__(self, ctx, memory_limit_bytes: int | None, import_main: bool = True):
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=_worker_main, args=(child_conn, memory_limit_bytes), daemon=True, name="hicra-verifier"
         )
-        self.process.start()
+        with contextlib.nullcontext() if import_main else _main_module_hidden():
+            self.process.start()
         child_conn.close()
         self.ready = False
         self.outstanding: deque[int] = deque()
@@ -193,6 +214,9 @@ class TimeBoundedVerifier:
         max_inflight_items, max_inflight_chars: items are pipelined to a worker (hiding the round trip)
             up to this many items and characters of text (at least one item always goes), so the parent's
             send never blocks on a full pipe while the worker waits to send its results.
+        import_main: False: the workers do not re-import the parent's ``__main__`` script (as spawn and
+            forkserver children otherwise do), so a caller without an ``if __name__ == "__main__":`` guard
+            works (used by :func:`hicra_rl.rewards.math.verify`'s own pool).
     """
 
     def __init__(
@@ -207,6 +231,7 @@ class TimeBoundedVerifier:
         startup_timeout_s: float = 120.0,
         max_inflight_items: int = 4,
         max_inflight_chars: int = 16_000,
+        import_main: bool = True,
     ):
         if time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be > 0, got {time_limit_s}")
@@ -222,6 +247,7 @@ class TimeBoundedVerifier:
         self.startup_timeout_s = startup_timeout_s
         self.max_inflight_items = max_inflight_items
         self.max_inflight_chars = max_inflight_chars
+        self.import_main = import_main
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             # imported once in the fork server, inherited by every worker it forks
@@ -245,9 +271,9 @@ class TimeBoundedVerifier:
         for worker in [w for w in self._workers if not w.process.is_alive()]:
             self._replace(worker)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx, self.memory_limit_bytes))
+            self._workers.append(_Worker(self._ctx, self.memory_limit_bytes, self.import_main))
         if self.spare_worker and self._spare is None:
-            self._spare = _Worker(self._ctx, self.memory_limit_bytes)
+            self._spare = _Worker(self._ctx, self.memory_limit_bytes, self.import_main)
         for worker in self._workers:
             worker.wait_ready(self.startup_timeout_s)
         return self
@@ -400,8 +426,8 @@ class TimeBoundedVerifier:
         """Kill ``worker`` and put the spare (or a new worker) in its place; start a new spare."""
         worker.kill()
         self.restarts += 1
-        replacement = self._spare or _Worker(self._ctx, self.memory_limit_bytes)
-        self._spare = _Worker(self._ctx, self.memory_limit_bytes) if self.spare_worker else None
+        replacement = self._spare or _Worker(self._ctx, self.memory_limit_bytes, self.import_main)
+        self._spare = _Worker(self._ctx, self.memory_limit_bytes, self.import_main) if self.spare_worker else None
         replacement.wait_ready(self.startup_timeout_s)
         self._workers[self._workers.index(worker)] = replacement
 

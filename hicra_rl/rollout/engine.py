@@ -331,6 +331,30 @@ class VLLMRolloutEngine:
         return stats
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def engine_pids(self) -> set[int]:
+        """The processes vLLM started for this engine (engine core, workers)."""
+        return set(self._engine_pids)
+
+    @property
+    def shm_files(self) -> set[str]:
+        """The /dev/shm files this engine's processes created (deleted by ``close``)."""
+        return set(self._shm_files)
+
+    def dead_reason(self) -> str | None:
+        """Why the engine can no longer generate (one of its processes exited), or None while it can."""
+        import psutil
+
+        if self.llm is None:
+            return "engine closed"
+        for pid in sorted(self._engine_pids):
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return f"vLLM engine process {pid} exited"
+            except psutil.NoSuchProcess:
+                return f"vLLM engine process {pid} exited"
+        return None
+
     def _engine_shm_files(self) -> set[str]:
         """``psm_*`` files mapped by this engine's processes that did not exist before it started."""
         return _shm_files_of(sorted(self._engine_pids)) - self._shm_before

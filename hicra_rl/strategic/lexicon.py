@@ -182,6 +182,10 @@ def load_lexicon(path: str | os.PathLike) -> Lexicon:
         raise LexiconError(f"{path}: lexicon file not found") from None
     except UnicodeDecodeError as err:
         raise LexiconError(f"{path}: not UTF-8 text ({err})") from None
+    except OSError as err:  # a directory, no permission, ...
+        raise LexiconError(f"{path}: cannot read the lexicon file ({err.strerror or err})") from None
+    if not text.strip():
+        raise LexiconError(f"{path}: lexicon file is empty (expected a JSON object with field 'entries')")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -1,0 +1,190 @@
+"""Fault handling of the Ray side without vLLM: a local Ray, small actors that die, hang or report a dead
+engine on cue (flag files), and the real ``cluster.wait_each`` / ``Fleet`` / ``probe_health`` around them.
+The full-stack versions (a real vLLM engine killed, a DeepSpeed rank killed, Ctrl-C of ``hicra-train``)
+are in ``test_chaos.py``."""
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from hicra_rl.batch import RolloutBatch
+from hicra_rl.cluster import ComponentDied, ComponentTimeout, bounded_get, probe_health, wait_each
+from hicra_rl.fleet import Fleet
+from hicra_rl.rewards.pool import VerifyResult
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # the toy actor classes below are imported by module name in the actor processes
+    path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+class ToyRollout:
+    """``generate`` answers each prompt with [seed, prompt token]: a restarted worker given the same seed
+    returns the same batch.  Flags (files) make the next call die, hang, or report a dead engine."""
+
+    def __init__(self, flags: str):
+        self.flags = flags
+
+    def _flag(self, name):
+        return os.path.exists(os.path.join(self.flags, name))
+
+    def generate(self, prompt_ids, n, temperature, top_p, max_tokens, seed, stop=None):
+        try:
+            os.remove(os.path.join(self.flags, "die"))  # one worker takes the flag, and dies
+        except FileNotFoundError:
+            pass
+        else:
+            os._exit(1)
+        while self._flag("hang"):  # a dead engine under a live actor: blocks (health reports it)
+            time.sleep(0.1)
+        rows = [(g, [seed, p[0], j]) for g, p in enumerate(prompt_ids) for j in range(n)]
+        return RolloutBatch(prompt_ids=[list(prompt_ids[g]) for g, _ in rows], response_ids=[r for _, r in rows],
+                            sampling_logprobs=[[0.0] * 3 for _ in rows], finish_reasons=["stop"] * len(rows),
+                            group_ids=[g for g, _ in rows], response_texts=[str(r) for _, r in rows])
+
+    def health(self):
+        return "vLLM engine process 4242 exited" if self._flag("hang") else None
+
+    def pid(self):
+        return os.getpid()
+
+
+class ToyVerifier:
+    def score(self, items, n_tokens, finished):
+        return [VerifyResult(1.0, True, False, 0.0, text) for text, _, _ in items]
+
+    def health(self):
+        return None
+
+    def pid(self):
+        return os.getpid()
+
+
+def _actor(cls, *args):
+    return ray.remote(cls).options(max_concurrency=2, num_cpus=0.1).remote(*args)
+
+
+def _ready(actor):
+    bounded_get(actor.pid.remote(), 60, "toy actor")
+    return actor
+
+
+def _fleet(flags, restarts, n_workers=2, **kw):
+    rollouts = [_actor(ToyRollout, str(flags)) for _ in range(n_workers)]
+
+    def restart_rollout(i):
+        ray.kill(rollouts[i])
+        for f in ("hang",):  # the restarted engine is healthy
+            if (flags / f).exists():
+                (flags / f).unlink()
+        restarts.append(i)
+        fresh = _actor(ToyRollout, str(flags))
+        bounded_get(fresh.pid.remote(), 60, "restarted toy worker")  # as FleetSession.restart: ready first
+        return fresh
+
+    return Fleet(rollouts, [_actor(ToyVerifier)], timeout_s=60, health_every_s=1.0,
+                 restart_rollout=restart_rollout, restart_verifier=lambda i: _ready(_actor(ToyVerifier)), **kw)
+
+
+PROMPTS = [[11], [12], [13]]
+
+
+def test_a_rollout_worker_that_dies_mid_call_is_restarted_and_its_share_regenerated(tmp_path):
+    restarts = []
+    fleet = _fleet(tmp_path, restarts)
+    clean = fleet.generate(PROMPTS, 2, 1.0, 8, seed=100)
+    (tmp_path / "die").touch()  # the first worker to start a call dies in it
+    t0 = time.monotonic()
+    faulted = fleet.generate(PROMPTS, 2, 1.0, 8, seed=100)
+    assert time.monotonic() - t0 < 30
+    assert len(restarts) == 1 and fleet.faults["faults/rollout_restarts"] == 1
+    # same seeds: the retried share is exactly what a fault-free call returns
+    assert faulted.response_ids == clean.response_ids and faulted.group_ids == clean.group_ids
+    assert clean.response_ids[0] == [100, 11, 0] and clean.response_ids[4] == [101, 13, 0]
+
+
+def test_a_dead_engine_under_a_live_actor_is_found_by_the_health_check(tmp_path):
+    restarts = []
+    fleet = _fleet(tmp_path, restarts)
+    (tmp_path / "hang").touch()
+    t0 = time.monotonic()
+    batch = fleet.generate(PROMPTS, 1, 1.0, 8, seed=7)
+    took = time.monotonic() - t0
+    # detected by the health check (every 1 s here; 10 s by default), not by the 60 s call deadline
+    assert took < 20, took
+    assert len(restarts) >= 1 and fleet.faults["faults/rollout_restarts"] == len(restarts)
+    assert batch.response_ids == [[7, 11, 0], [7, 12, 0], [8, 13, 0]]
+
+
+def test_without_a_restart_hook_the_error_names_the_worker_and_the_reason(tmp_path):
+    fleet = _fleet(tmp_path, [], n_workers=2)
+    fleet.restart_rollout = None
+    (tmp_path / "hang").touch()
+    with pytest.raises(ComponentDied, match=r"rollout workers \(generate\): rollout worker \d "
+                                            r"vLLM engine process 4242 exited \(detected after \d+ s\)"):
+        fleet.generate(PROMPTS, 1, 1.0, 8, seed=7)
+    (tmp_path / "hang").unlink()
+
+
+def test_a_verifier_that_stops_answering_is_replaced_and_the_items_scored(tmp_path):
+    fleet = _fleet(tmp_path, [])
+    batch = fleet.generate(PROMPTS, 1, 1.0, 8, seed=1)
+    batch.attach_problems(["x"] * 3, ["math"] * 3)
+    stuck = fleet.verifiers[0]
+    os.kill(bounded_get(stuck.pid.remote(), 30, "verifier pid"), signal.SIGSTOP)  # hangs: answers nothing
+    scores = fleet.score(batch)
+    assert [s.correct for s in scores] == [True] * 3
+    assert fleet.faults["faults/verifier_restarts"] == 1 and fleet.verifiers[0] is not stuck
+    ray.kill(stuck)
+
+
+def test_a_killed_verifier_is_replaced(tmp_path):
+    fleet = _fleet(tmp_path, [])
+    batch = fleet.generate(PROMPTS, 1, 1.0, 8, seed=1)
+    batch.attach_problems(["x"] * 3, ["math"] * 3)
+    ray.kill(fleet.verifiers[0])
+    assert len(fleet.score(batch)) == 3 and fleet.faults["faults/verifier_restarts"] == 1
+
+
+def test_wait_each_fails_fast_on_a_death_while_a_peer_is_still_busy(tmp_path):
+    @ray.remote(num_cpus=0.1)
+    class Rank:
+        def work(self, seconds, die=False):
+            if die:
+                os._exit(1)
+            time.sleep(seconds)
+            return seconds
+
+    ranks = [Rank.remote(), Rank.remote()]
+    assert bounded_get([r.work.remote(0.1) for r in ranks], 30, "ranks") == [0.1, 0.1]
+    t0 = time.monotonic()
+    with pytest.raises(ComponentDied, match=r"learner ranks \(update\): learner rank 1 died \(ActorDiedError"):
+        wait_each([ranks[0].work.remote(120), ranks[1].work.remote(0, die=True)], 300, "learner ranks (update)",
+                  ["learner rank 0", "learner rank 1"])
+    assert time.monotonic() - t0 < 15  # not when rank 0's 120 s call (a stuck collective) ends
+    with pytest.raises(ComponentTimeout, match=r"ranks did not finish within 1 s \(still waiting for learner rank 0\)"):
+        bounded_get([ranks[0].work.remote(30)], 1, "ranks", ["learner rank 0"])
+
+
+def test_probe_health_reports_silence_errors_and_reasons(tmp_path):
+    (tmp_path / "hang").touch()
+    sick, fine, frozen = (_actor(ToyRollout, str(tmp_path)) for _ in range(3))
+    bounded_get([a.pid.remote() for a in (sick, fine)], 30, "start")
+    (tmp_path / "hang").unlink()
+    frozen_pid = bounded_get(frozen.pid.remote(), 30, "pid")
+    os.kill(frozen_pid, signal.SIGSTOP)
+    (tmp_path / "hang").touch()
+    report = probe_health({0: sick, 1: fine, 2: frozen}, timeout_s=3)
+    (tmp_path / "hang").unlink()
+    # "fine" reads the same flag: re-probe it alone once the flag is gone
+    assert report[0] == (0, "vLLM engine process 4242 exited")
+    assert (2, "did not answer a health check within 3 s") in report
+    assert probe_health({1: fine}) == []
+    ray.kill(frozen)
