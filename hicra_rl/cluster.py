@@ -2,6 +2,8 @@
 a bounded wait whose error names the stuck component (nothing hangs)."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,28 @@ class ComponentDied(RuntimeError):
 class ComponentFault(RuntimeError):
     """Raised by an actor method whose component is broken beyond this call (a dead vLLM engine): the
     caller may restart the actor and retry, as it would for a dead actor."""
+
+
+def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) or start a local cluster."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines drown the step log
+    # Inside `ray job submit` the job's runtime env already sets its env vars; repeating one is a merge
+    # conflict for Ray, so forward only the others.  OMP_NUM_THREADS=1 that Ray sets for jobs is not ours.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+    prefixes = ("HF_", "TRANSFORMERS_", "VLLM_", "HICRA_", "WANDB_") + (() if job_env or address else ("OMP_",))
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in job_env}}
+    if runtime_env:
+        env.update(runtime_env)
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # a local Ray listens on the loopback interface only (nothing of it is reachable from the network)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
+
 
 
 POLL_S = 1.0  # longest single wait: Ctrl-C / SIGTERM handlers run between waits
