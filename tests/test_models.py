@@ -119,7 +119,14 @@ def test_build_tiny_model_refuses_to_overwrite_a_foreign_directory(tmp_path):
 
 # ---------------------------------------------------------------- resolve_model
 def test_resolve_model_local_directory_is_returned_as_is(tmp_path):
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+def test_resolve_model_local_directory_without_model_files_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a Hugging Face model folder: it lacks config.json"):
+        models.resolve_model(str(tmp_path))
 
 
 def test_resolve_model_missing_local_path_is_an_error(tmp_path):

@@ -172,3 +172,37 @@ def test_shaping_config_is_validated():
         RewardShapingConfig(overlong_penalty=True, max_response_tokens=10, overlong_buffer_tokens=20)
     with pytest.raises(ValueError, match="format_penalty is subtracted"):
         RewardShapingConfig(format_penalty=-1.0)
+
+
+# ---------------------------------------------------------------- verify()'s own wall-clock bound
+
+
+def test_verify_bounds_a_hostile_power_tower():
+    """sympy would compute 9^9^9^9^9 for ever (a SIGALRM cannot interrupt it): the default bounded path
+    kills the worker at the limit and counts the answer as wrong."""
+    import time
+
+    verify(r"\boxed{1}", "1", timeout_s=2.0)  # start the module's worker process (a few seconds, once)
+    start = time.monotonic()
+    assert verify(r"\boxed{9^{9^{9^{9^{9}}}}}", "3", timeout_s=2.0) is False
+    assert time.monotonic() - start < 2.0 + 5.0
+    # the replacement worker answers the next call
+    assert verify(r"so $\boxed{\frac{1}{2}}$", "0.5", timeout_s=2.0) is True
+
+
+def test_verify_bounded_and_unbounded_paths_agree_on_normal_answers():
+    for response, gold, mode in [(r"so $\boxed{\frac{14}{3}}$", r"\frac{14}{3}", "boxed"),
+                                 (r"\boxed{4.6666666667}", r"\frac{14}{3}", "boxed"),
+                                 ("#### 1,080", "1080", "gsm8k"),
+                                 ("I think 10", "10", "boxed_or_last_number")]:
+        assert verify(response, gold, mode) is True                    # default: bounded, in a worker
+        assert verify(response, gold, mode, timeout_s=None) is True    # in-process, unbounded
+    assert verify(r"\boxed{\frac{13}{3}}", r"\frac{14}{3}") is False
+    assert verify(r"\boxed{\frac{13}{3}}", r"\frac{14}{3}", timeout_s=None) is False
+
+
+def test_verify_rejects_a_bad_timeout_and_mode():
+    with pytest.raises(ValueError, match="timeout_s must be > 0 or None"):
+        verify(r"\boxed{1}", "1", timeout_s=0)
+    with pytest.raises(ValueError, match="unknown answer mode 'latex'"):
+        verify(r"\boxed{1}", "1", mode="latex")

@@ -88,8 +88,10 @@ def prompt_text(tokenizer, problem: str, cfg: PromptConfig = PromptConfig()) -> 
     template = cfg.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '?')}) has no chat "
-            "template; set PromptConfig.chat_template"
+            f"tokenizer {type(tokenizer).__name__} of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat "
+            "template (its tokenizer_config.json has no 'chat_template' and there is no chat_template.jinja; "
+            "base models often have none): use an instruct model's tokenizer, add a template to that folder, "
+            "or set PromptConfig.chat_template"
         )
     return tokenizer.apply_chat_template(
         _messages(problem, cfg), chat_template=template, tokenize=False, add_generation_prompt=True

@@ -79,6 +79,8 @@ def _load(cfg, seed: int, role: str) -> ProblemSet:
         except (AssertionError, TypeError, KeyError) as exc:  # reasoning-gym's own checks of its config
             raise ValueError(f"data {cfg.name!r}: reasoning-gym task {cfg.task!r} rejected data.task_config="
                              f"{dict(cfg.task_config)}: {type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:  # data.task unknown, data.size out of range: say which data group
+            raise ValueError(f"data {cfg.name!r}: {exc}") from exc
     if cfg.size is not None and cfg.size < 0:
         raise ValueError(f"data {cfg.name!r}: data.size must be >= 0 (0: every row of the file), got {cfg.size}")
     overrides = {"on_bad_row": cfg.on_bad_row}
@@ -98,7 +100,8 @@ def _load(cfg, seed: int, role: str) -> ProblemSet:
     elif cfg.source == "hub":
         spec = DatasetSpec(name=cfg.name, hub=cfg.path, split=cfg.split, **overrides)
     else:
-        raise ValueError(f"data.source {cfg.source!r} is not one of reasoning_gym, {', '.join(BUILTINS)}, file, hub")
+        raise ValueError(f"data {cfg.name!r}: data.source {cfg.source!r} is not one of reasoning_gym, "
+                         f"{', '.join(BUILTINS)}, file (or jsonl / parquet / disk), hub")
     problems = load_problems(spec)
     if problems.n_skipped:
         log.warning("%s: skipped %d bad rows (on_bad_row=skip), first: %s", cfg.name, problems.n_skipped,

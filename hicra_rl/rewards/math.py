@@ -161,9 +161,10 @@ def verify(response: str, gold: str, mode: str = "boxed", *, timeout_s: float | 
     units and text answers.
 
     ``timeout_s`` bounds the equivalence check in wall-clock seconds (default 10): it runs in a worker
-    process of a module-level :class:`hicra_rl.rewards.pool.TimeBoundedVerifier` (started on the first
-    call, which costs a few seconds once; reused afterwards; closed at interpreter exit), which is killed
-    when it overruns; the answer then counts as wrong (False).  A hostile answer such as
+    process of a module-level :class:`hicra_rl.rewards.pool.TimeBoundedVerifier` (one worker and a spare,
+    started on the first call, which costs a few seconds once; reused afterwards; closed at interpreter
+    exit), which is killed when it overruns; the answer then counts as wrong (False) and the spare takes
+    over.  A hostile answer such as
     ``\\boxed{9^{9^{9^{9^{9}}}}}`` would otherwise make sympy compute for ever, and neither a signal
     handler nor a thread can interrupt it.  A verifier error or a worker that dies (e.g. at its memory
     limit) also gives False.  Calls from several threads share the one worker and take turns (a call may
@@ -217,7 +218,7 @@ def _verify_bounded(response: str, gold: str, mode: str, timeout_s: float) -> bo
             from hicra_rl.rewards.pool import TimeBoundedVerifier
 
             _bounded_pool = TimeBoundedVerifier(time_limit_s=timeout_s, num_workers=1, answer_mode=mode,
-                                                spare_worker=False, import_main=False)
+                                                spare_worker=True, import_main=False)
             _bounded_pool_pid = os.getpid()
             if not _atexit_registered:
                 # registered after multiprocessing's own exit hook, so it runs before it (atexit is LIFO)
