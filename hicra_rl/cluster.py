@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,9 @@ class ComponentFault(RuntimeError):
     caller may restart the actor and retry, as it would for a dead actor."""
 
 
+_SECRET = re.compile(r"API_KEY|TOKEN|SECRET|PASSWORD", re.I)
+
+
 def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) or start a local cluster."""
     if ray.is_initialized():
@@ -41,9 +46,34 @@ def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None 
     # conflict for Ray, so forward only the others.  OMP_NUM_THREADS=1 that Ray sets for jobs is not ours.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
     prefixes = ("HF_", "TRANSFORMERS_", "VLLM_", "HICRA_", "WANDB_") + (() if job_env or address else ("OMP_",))
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in job_env}}
+    # secrets (WANDB_API_KEY, HF_TOKEN, ...) are not put into a shared cluster's runtime env, where every
+    # holder of the job API token could read them: set them in the nodes' own environment there
+    env = {"env_vars": {k: v for k, v in os.environ.items()
+                        if k.startswith(prefixes) and k not in job_env and not (address and _SECRET.search(k))}}
     if runtime_env:
         env.update(runtime_env)
+    with _keep_signal_handlers():  # ray.init replaces SIGTERM's handler (its own aborts the process)
+        _init(address, num_cpus, env)
+
+
+@contextmanager
+def _keep_signal_handlers():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _init(address: str | None, num_cpus: int | None, env: dict) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:

@@ -302,6 +302,10 @@ def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) 
     _main()
 
 
+DATA_SOURCES = ("reasoning_gym", "gsm8k", "math500", "dapo_math_17k", "deepscaler", "file", "jsonl", "parquet",
+                "disk", "hub")
+
+
 def validate(cfg: TrainConfig) -> None:
     a, r, l, t, c = cfg.algorithm, cfg.rollout, cfg.learner, cfg.trainer, cfg.cluster
     _check(a.name in ALGORITHMS, "algorithm.name", f"{a.name!r} is not one of {ALGORITHMS}")
@@ -365,6 +369,19 @@ def validate(cfg: TrainConfig) -> None:
     _check(not cfg.reward.overlong_penalty or 0 < cfg.reward.overlong_buffer <= r.max_new_tokens,
            "reward.overlong_buffer", f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
     _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    from hicra_rl.rewards.math import ANSWER_MODES
+
+    _check(cfg.reward.answer_mode in ANSWER_MODES, "reward.answer_mode",
+           f"{cfg.reward.answer_mode!r} is not one of {ANSWER_MODES}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(cfg.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
+           f"{cfg.logging.wandb_mode!r} is not one of online, offline, disabled")
+    _check(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1 (checkpoints kept), got {t.keep_last}")
+    for group, d in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        if d is None:
+            continue
+        _check(d.source in DATA_SOURCES, f"{group}.source", f"{d.source!r} is not one of {DATA_SOURCES}")
+        _check(d.max_prompt_tokens >= 1, f"{group}.max_prompt_tokens", f"must be >= 1, got {d.max_prompt_tokens}")
 
 
 def policy_loss_config(cfg: TrainConfig):

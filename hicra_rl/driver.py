@@ -140,7 +140,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "config.json", as_plain_dict(cfg), indent=2)
 
-        self.model_path = cfg.trainer.init_checkpoint or resolve_model(cfg.model.path)
+        self.model_path = resolve_model(cfg.trainer.init_checkpoint or cfg.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.lexicon = load_lexicon(lexicon_path(cfg))
@@ -415,7 +415,7 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
             history = trainer.run()
         except BaseException:
             # failed or interrupted: actors may be stuck (a dead peer, a collective): do not wait long
-            trainer.close(timeout_s=5)
+            trainer.close(timeout_s=2)
             raise
         trainer.close()
     return history

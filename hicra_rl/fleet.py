@@ -351,6 +351,7 @@ class FleetSession:
         reservation, stop a Ray this session started."""
         import ray
 
+        t0 = time.perf_counter()
         if self.actors:
             refs = {a.close.remote(): name for name, a in self.actors.items()}
             try:
@@ -375,6 +376,9 @@ class FleetSession:
             except Exception as err:
                 log.warning("releasing the placement group: %s", err)
             self.reservation = None
+        t_actors = time.perf_counter() - t0
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+        log.info("fleet closed in %.1f s (actors %.1f s, Ray %.1f s)", time.perf_counter() - t0, t_actors,
+                 time.perf_counter() - t0 - t_actors)

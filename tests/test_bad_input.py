@@ -72,7 +72,6 @@ def test_config_contradictions_name_the_key(hydra_conf, overrides, message):
     assert message in str(info.value)
 
 
-@pytest.mark.xfail(reason="not validated by hicra_rl/config.py yet: accepted, fails later (docs/bad-input.md)")
 @pytest.mark.parametrize("override, key", [
     ("reward.answer_mode=latex", "reward.answer_mode"),
     ("data.source=csv", "data.source"),
@@ -81,7 +80,7 @@ def test_config_contradictions_name_the_key(hydra_conf, overrides, message):
     ("data.max_prompt_tokens=0", "data.max_prompt_tokens"),
     ("trainer.keep_last=0", "trainer.keep_last"),
 ])
-def test_config_values_not_yet_validated_at_start(hydra_conf, override, key):
+def test_config_values_are_validated_at_start(hydra_conf, override, key):
     with pytest.raises(ConfigError, match=f"config error at '{key}'"):
         _load(override)
 

@@ -287,3 +287,24 @@ def test_safe_parse_expr_accepts_arithmetic_and_refuses_the_rest():
     for bad in (EXPLOIT, "open(x)", "x.func", "lambda: 1", "chr(95)*2", "eval(x)", "a[0]", "x" * 3000):
         with pytest.raises(ValueError, match="expression refused"):
             safe_parse_expr(bad)
+
+
+def test_secrets_are_not_put_into_a_shared_clusters_runtime_env(monkeypatch):
+    import ray
+
+    from hicra_rl import cluster
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster, "_init", lambda address, num_cpus, env: seen.update(address=address, env=env))
+    monkeypatch.setenv("WANDB_API_KEY", "secret-xyz")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    cluster.connect("10.0.0.1:6379", None)
+    forwarded = seen["env"]["env_vars"]
+    assert forwarded.get("WANDB_PROJECT") == "proj"
+    assert "WANDB_API_KEY" not in forwarded and "HF_TOKEN" not in forwarded
+    # a local Ray (loopback only, this user's own processes) gets them: the metrics actor logs to wandb
+    cluster.connect(None, 2)
+    assert seen["env"]["env_vars"]["WANDB_API_KEY"] == "secret-xyz"
