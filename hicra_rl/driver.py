@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hicra_rl import leftovers
 from hicra_rl.algo import hicra_step_advantages
 from hicra_rl.batch import pad_ragged
 from hicra_rl.config import TrainConfig, as_plain_dict, lexicon_path, policy_loss_config
@@ -138,6 +139,7 @@ class Trainer:
         np.random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        leftovers.reap(self.run_dir)  # processes of an earlier run of this directory that was SIGKILLed
         write_json_atomic(self.run_dir / "config.json", as_plain_dict(cfg), indent=2)
 
         self.model_path = resolve_model(cfg.trainer.init_checkpoint or cfg.model.path)
@@ -187,6 +189,8 @@ class Trainer:
         if cfg.rollout.weight_transport == "broadcast":
             self.learners.open_weight_group(self.fleet, cfg.rollout.tensor_parallel_size, cl.collective_timeout_s)
         self.learners.sync_weights(self.fleet)  # vLLM starts from exactly the learner's weights (also after a resume)
+        if session.started_ray:  # our own local Ray: if this driver is SIGKILLed, the next start stops them
+            leftovers.record(self.run_dir)
         self.setup_seconds = time.perf_counter() - t0
 
     def _after_rollout_restart(self, worker, index: int) -> None:
@@ -364,6 +368,7 @@ class Trainer:
         if self.session is not None:
             self.session.close(timeout_s)
             self.session = None
+            leftovers.forget(self.run_dir)
 
 
 def console_line(step: int, m: dict[str, float]) -> str:
@@ -383,6 +388,8 @@ def console_line(step: int, m: dict[str, float]) -> str:
 class Interrupted(KeyboardInterrupt):
     """SIGINT (Ctrl-C) or SIGTERM: the run stops, closing every actor and the Ray it started."""
 
+    last_signal = "SIGINT"
+
 
 @contextmanager
 def stop_on_signals():
@@ -397,7 +404,8 @@ def stop_on_signals():
         return
 
     def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
+        Interrupted.last_signal = signal.Signals(signum).name  # Ray's waits may re-raise it as KeyboardInterrupt
+        raise Interrupted(Interrupted.last_signal)
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

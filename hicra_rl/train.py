@@ -19,8 +19,8 @@ def run(cfg: TrainConfig) -> None:
     except RunAlreadyComplete as done:  # nothing to do: say so before starting anything (exit 0)
         print(f"hicra-train: {done}", file=sys.stderr)
         return
-    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: actors closed, Ray stopped; resume continues
-        why = str(stop) if isinstance(stop, Interrupted) else "SIGINT"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: actors closed, Ray stopped; resume continues
+        why = Interrupted.last_signal
         print(f"hicra-train: stopped by {why}; every actor closed. The same command resumes from the newest "
               f"checkpoint in {os.path.abspath(cfg.trainer.run_dir)}/checkpoints", file=sys.stderr)
         sys.exit(130)

@@ -179,7 +179,7 @@ def _shm_of(procs) -> set[str]:
     return _shm_files_of([p.pid for p in procs], prefix="/dev/shm/")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_and_sigterm_stop_the_run_within_10_s_and_leave_nothing_behind(tiny_model, tmp_path, sig):
     run_dir = tmp_path / "run"
     shm_before = set(os.listdir("/dev/shm"))
@@ -225,12 +225,7 @@ def test_sigkill_of_the_driver_during_a_checkpoint_resumes_from_a_complete_one(t
         log.close()
     steps = [s for s, _ in complete_checkpoints(run_dir / "checkpoints")]
     assert steps and steps[-1] in (1, 2), steps
-    for p in orphans:  # what a SIGKILLed driver leaves is reported by the assertion below, cleaned up first
-        with_pid = int(p.split()[0])
-        try:
-            os.kill(with_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    orphan_procs = [p for p in procs if any(o.startswith(f"{p.pid} ") for o in orphans)]
     proc2, log2 = _start_cli(tiny_model, run_dir, STEPS)
     try:
         assert proc2.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
@@ -240,4 +235,9 @@ def test_sigkill_of_the_driver_during_a_checkpoint_resumes_from_a_complete_one(t
     assert _outcome(rows) == _outcome(reference)
     assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")][-1] == STEPS
     assert not math.isnan(rows[-1]["actor/pg_loss"])
-    assert orphans == [], f"a SIGKILLed driver left {len(orphans)} processes: {orphans[:5]}"
+    # a SIGKILLed driver cannot clean up (measured: Ray's DashboardAgent and RuntimeEnvAgent, a vLLM worker);
+    # the next start in the run directory stops what it recorded, and says so
+    log_text = (tmp_path / "run.log").read_text()
+    if orphans:
+        assert "left by an earlier, killed run" in log_text
+    assert _alive(orphan_procs) == []

@@ -367,3 +367,28 @@ def test_shared_prefix_update_equals_separate_rows(tiny_model, port):
         assert s1[key] == pytest.approx(s0[key], abs=1e-5), key
     for name in w0:
         torch.testing.assert_close(w1[name], w0[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nonfinite_update_is_skipped_and_the_next_one_applies(tiny_model, port, stage):
+    """A NaN advantage makes the loss and every gradient NaN: the optimizer step is skipped (ZeRO-2:
+    DeepSpeed's own overflow check; plain fp32 data parallel: ours), the weights stay as they were, the
+    stats say so, and the next finite update moves the weights again."""
+    learner = PolicyLearner(LearnerConfig(zero_stage=stage, lr=1e-2, micro_batch_size=2), model_path=tiny_model,
+                            master_port=port)
+    prompts, responses = random_rows(5, [2, 4, 3], [5, 3, 4])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    lp, _ = learner.compute_log_probs(ids, am, rm)
+    batch = {"input_ids": ids, "attention_mask": am, "response_mask": rm, "old_log_probs": lp}
+    before = learner.full_state_dict()
+    bad = torch.ones_like(lp)
+    bad[1, 0] = float("nan")
+    stats = learner.update({**batch, "advantages": bad})
+    assert stats["actor/nonfinite_skipped"] == 1.0 and not math.isfinite(stats["actor/grad_norm"])
+    after = learner.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    stats = learner.update({**batch, "advantages": torch.ones_like(lp)})
+    assert stats["actor/nonfinite_skipped"] == 0.0 and math.isfinite(stats["actor/grad_norm"])
+    moved = learner.full_state_dict()
+    assert all(torch.isfinite(v).all() for v in moved.values())
+    assert any(not torch.equal(before[k], moved[k]) for k in before)
