@@ -98,6 +98,9 @@ class LearnerWorker:
         self._sender, self._pending = None, None
         _set_threads(torch_threads)
 
+    def node_id(self) -> str:
+        return _node_id()
+
     def address(self) -> tuple[str, int]:
         host = socket.gethostbyname(socket.gethostname()) if self.world_size > 1 else "127.0.0.1"
         with socket.socket() as s:

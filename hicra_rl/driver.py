@@ -195,12 +195,6 @@ class Trainer:
 
     def _after_rollout_restart(self, worker, index: int) -> None:
         """A restarted rollout worker gets the current policy weights before it generates again."""
-        if self.cfg.rollout.weight_transport == "broadcast":
-            from hicra_rl.cluster import ComponentDied
-
-            raise ComponentDied(
-                f"rollout worker {index} died and was restarted, but rollout.weight_transport=broadcast cannot "
-                "add a new engine to the open weight group; the run stops here (resume with trainer.resume=auto)")
         self.learners.sync_weights(self.fleet, [worker])
 
     # ------------------------------------------------------------------ one step

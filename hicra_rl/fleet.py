@@ -314,16 +314,28 @@ class FleetSession:
         _bounded_get(ready.remote(), self.cluster_cfg.actor_start_timeout_s, f"{name} (restart)")
         return actor
 
+    def where(self, name: str) -> str:
+        """``host <hostname>, node <id>`` of an actor started here (as recorded when it was ready)."""
+        ident = self.identities.get(name, {})
+        return f"host {ident.get('host', '?')}, node {str(ident.get('node_id', '?'))[:12]}"
+
     def restart_rollout(self, i: int):
         """Restart rollout worker ``i`` (a new vLLM engine) and give it the current policy weights."""
+        from hicra_rl.cluster import ComponentDied
+
         name = f"rollout{i}"
-        where = self.identities.get(name, {}).get("host", "?")
+        where = self.where(name)
+        if self.rollout_cfg.weight_transport == "broadcast":  # a new engine cannot join the open group
+            raise ComponentDied(
+                f"rollout worker {i} ({where}) died; with rollout.weight_transport=broadcast a restarted engine "
+                "cannot join the open weight group, so the run stops here (a lost node? `ray status`); the same "
+                "command resumes from the newest checkpoint (trainer.resume=auto)", i)
         t0 = time.perf_counter()
         actor = self.restart(name)
         self.identities[name] = _bounded_get(actor.identity.remote(), self.cluster_cfg.actor_start_timeout_s, name)
         if self.after_rollout_restart is not None:
             self.after_rollout_restart(actor, i)
-        log.warning("rollout worker %d (host %s) restarted with the current weights in %.0f s", i, where,
+        log.warning("rollout worker %d (%s) restarted with the current weights in %.0f s", i, where,
                     time.perf_counter() - t0)
         return actor
 

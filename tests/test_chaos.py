@@ -241,3 +241,40 @@ def test_sigkill_of_the_driver_during_a_checkpoint_resumes_from_a_complete_one(t
     if orphans:
         assert "left by an earlier, killed run" in log_text
     assert _alive(orphan_procs) == []
+
+
+def test_losing_the_rollout_node_of_a_multi_node_cluster_fails_within_60_s_naming_it(tiny_model, tmp_path):
+    """A head and two nodes of Ray's own test cluster (3 CPUs each): the learner and the rollout worker need
+    2 CPUs each, so they land on different nodes; weights go by ``broadcast`` (gloo) as between real nodes.
+    Removing the rollout worker's node mid-run stops the run within 60 s, naming that node (a restarted
+    engine cannot join the open broadcast group)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from hicra_rl.cluster import ComponentDied, bounded_get
+    from hicra_rl.driver import Trainer
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    cluster.wait_for_nodes()
+    cfg = _cfg(tiny_model, tmp_path)
+    cfg.cluster.address = cluster.address
+    cfg.cluster.cpus_per_actor = 2
+    cfg.rollout.weight_transport = "broadcast"
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.train_step(0)
+        rollout_node = bounded_get(trainer.fleet.rollouts[0].identity.remote(), 30, "identity")["node_id"]
+        learner_node = bounded_get(trainer.learners.learners[0].node_id.remote(), 30, "learner node")
+        assert rollout_node != learner_node  # the two sides really are on different nodes
+        victim = next(n for n in nodes if n.node_id == rollout_node)
+        cluster.remove_node(victim, allow_graceful=False)
+        t0 = time.monotonic()
+        with pytest.raises(ComponentDied, match=rf"rollout worker 0 \(host .*, node {rollout_node[:12]}\) died"):
+            trainer.train_step(1)
+        assert time.monotonic() - t0 < 60
+    finally:
+        trainer.close(timeout_s=5)
+        ray.shutdown()
+        cluster.shutdown()
