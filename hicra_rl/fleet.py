@@ -52,6 +52,11 @@ class Fleet:
         self.health_every_s, self.max_restarts = health_every_s, max_restarts
         self.restart_rollout, self.restart_verifier = restart_rollout, restart_verifier
         self.faults = {"faults/rollout_restarts": 0, "faults/verifier_restarts": 0}
+        self.where = lambda kind, j: ""  # FleetSession: "host h, node n" of an actor, for messages
+
+    def name(self, kind: str, j: int) -> str:
+        where = self.where(kind, j)
+        return f"{kind} worker {j}" + (f" ({where})" if where else "")
 
     def _resilient(self, actors: list, jobs: list[int], call, what: str, kind: str, restart) -> list:
         """``call(actor, job)`` for each job on ``actors[job]``, restarting a dead actor and retrying its job."""
@@ -68,7 +73,7 @@ class Fleet:
             return call(actors[j], j)
 
         return wait_each([call(actors[j], j) for j in jobs], self.timeout_s, what,
-                         [f"{kind} worker {j}" for j in jobs], health=health, health_every_s=self.health_every_s,
+                         [self.name(kind, j) for j in jobs], health=health, health_every_s=self.health_every_s,
                          recover=recover if restart is not None else None, max_recoveries=self.max_restarts)
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
@@ -166,12 +171,28 @@ class LearnerGroup:
         t0 = time.perf_counter()
         handle = self._get([w.publish_weights.remote() for w in self.learners], "learner ranks (gather weights)")[0]
         targets = fleet.rollouts if workers is None else workers
+        from hicra_rl.cluster import ComponentDied, probe_health, wait_each
+
         try:
-            receives = [w.receive_weights.remote(handle) for w in targets]
+            refs = [w.receive_weights.remote(handle) for w in targets]
+            names = [fleet.name("rollout", i) for i in range(len(targets))]
             if handle.transport == "broadcast":  # sender and receivers run the collective together
-                self._get(self.learners[0].send_weights.remote(), "learner rank 0 (weight broadcast)")
-            stats = _bounded_get(receives, self.timeout_s, "rollout workers (weight sync)",
-                                 [f"rollout worker {i}" for i in range(len(receives))])
+                refs.append(self.learners[0].send_weights.remote())
+                names.append("learner rank 0 (broadcast)")
+            # a receiver that dies silently (a lost node) would block the collective until its timeout:
+            # the health check finds it first
+            stats = wait_each(refs, self.timeout_s, "weight sync", names, health_every_s=fleet.health_every_s,
+                              health=lambda pending: probe_health({k: targets[k] for k in pending
+                                                                   if k < len(targets)}))[:len(targets)]
+        except Exception as err:  # a broadcast fails on every member when one dies: name the dead one
+            if isinstance(err, ComponentDied):
+                raise
+            dead = probe_health(dict(enumerate(targets)))
+            if not dead:
+                raise
+            i, reason = dead[0]
+            raise ComponentDied(f"weight sync: {fleet.name('rollout', i)} {reason} "
+                                f"({type(err).__name__} on the learner side)", i) from None
         finally:
             self._get(self.learners[0].release_weights.remote(handle), "learner rank 0 (release weights)")
         return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,
@@ -275,6 +296,7 @@ class FleetSession:
                            health_every_s=cl.health_check_s, max_restarts=cl.max_restarts_per_call,
                            restart_rollout=lambda i: self.restart_rollout(i),
                            restart_verifier=lambda i: self.restart(f"verifier{i}"))
+        self.fleet.where = lambda kind, j: self.where(f"{kind}{j}") if kind == "rollout" else ""
 
     def wait_ready(self) -> None:
         """Block until the vLLM engines and the verifier pool are up (bounded; the error names which)."""

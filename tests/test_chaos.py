@@ -99,11 +99,14 @@ def test_dead_engine_killed_actor_and_killed_verifier_are_survived_with_the_same
         t0 = time.monotonic()
         m2 = trainer.train_step(1)
         took = time.monotonic() - t0
+        print(f"CHAOS engine SIGKILL: step with the fault {took:.0f} s (generate {m2['timing/generate_s']:.0f} s)")
         assert m2["faults/rollout_restarts"] == 1
         # step 3: the rollout actor and the verifier actor are killed outright
         ray.kill(trainer.fleet.rollouts[0])
         ray.kill(trainer.fleet.verifiers[0])
+        t0 = time.monotonic()
         m3 = trainer.train_step(2)
+        print(f"CHAOS rollout actor + verifier killed: step {time.monotonic() - t0:.0f} s")
         assert m3["faults/rollout_restarts"] == 2 and m3["faults/verifier_restarts"] == 1
     finally:
         trainer.close()
@@ -128,8 +131,9 @@ def test_a_killed_learner_rank_fails_the_step_at_once_and_resume_loses_no_prompt
         killer = threading.Timer(1.0, lambda: ray.kill(trainer.learners.learners[0]))
         killer.start()  # mid-step (during generation or the update)
         t0 = time.monotonic()
-        with pytest.raises(ComponentDied, match=r"learner rank 0 died"):
+        with pytest.raises(ComponentDied, match=r"learner rank 0 died") as died:
             trainer.train_step(2)
+        print(f"CHAOS learner rank killed: failed after {time.monotonic() - t0:.1f} s: {str(died.value)[:160]}")
         assert time.monotonic() - t0 < 60
     finally:
         trainer.close(timeout_s=5)
@@ -200,6 +204,8 @@ def test_ctrl_c_and_sigterm_stop_the_run_within_10_s_and_leave_nothing_behind(ti
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     out = (tmp_path / "run.log").read_text()
+    print(f"CHAOS {sig.name}: exit {proc.returncode} after {stopped:.1f} s; {len(procs)} processes before, "
+          f"{len(left)} left; {len(shm_used)} /dev/shm files used")
     assert proc.returncode == 130, out[-3000:]
     assert f"stopped by {sig.name}" in out
     assert stopped < 10, f"took {stopped:.1f} s to stop"
@@ -238,6 +244,8 @@ def test_sigkill_of_the_driver_during_a_checkpoint_resumes_from_a_complete_one(t
     # a SIGKILLed driver cannot clean up (measured: Ray's DashboardAgent and RuntimeEnvAgent, a vLLM worker);
     # the next start in the run directory stops what it recorded, and says so
     log_text = (tmp_path / "run.log").read_text()
+    print(f"CHAOS driver SIGKILL: newest complete checkpoint step {steps[-1]}; {len(orphans)} processes left "
+          f"behind ({[o.split()[1] for o in orphans]}), stopped by the next start: {_alive(orphan_procs) == []}")
     if orphans:
         assert "left by an earlier, killed run" in log_text
     assert _alive(orphan_procs) == []
@@ -271,8 +279,9 @@ def test_losing_the_rollout_node_of_a_multi_node_cluster_fails_within_60_s_namin
         victim = next(n for n in nodes if n.node_id == rollout_node)
         cluster.remove_node(victim, allow_graceful=False)
         t0 = time.monotonic()
-        with pytest.raises(ComponentDied, match=rf"rollout worker 0 \(host .*, node {rollout_node[:12]}\) died"):
+        with pytest.raises(ComponentDied, match=rf"rollout worker 0 \(host .*, node {rollout_node[:12]}\) ") as died:
             trainer.train_step(1)
+        print(f"CHAOS node removed: failed after {time.monotonic() - t0:.1f} s: {str(died.value)[:200]}")
         assert time.monotonic() - t0 < 60
     finally:
         trainer.close(timeout_s=5)
