@@ -10,25 +10,36 @@ import pytest
 
 from hicra_rl import leftovers
 
+DRIVER = """
+import os, subprocess, sys
+from hicra_rl import leftovers
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+leftovers.record(sys.argv[1])
+print(child.pid, flush=True)
+os._exit(0)  # like a SIGKILLed driver: nothing cleaned up, the child lives on
+"""
+
 
 def test_record_then_reap_kills_only_what_is_still_the_same_process(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True, check=True)
+    orphan = int(out.stdout.split()[0])
     try:
-        assert leftovers.record(tmp_path) >= 1
+        assert psutil.pid_exists(orphan)
         data = json.loads((tmp_path / leftovers.FILE).read_text())
-        # a dead driver (pid 0 is never one) and one entry with a recycled pid (other start time)
-        data["driver"] = 0
+        assert [p["pid"] for p in data["processes"]] == [orphan]
+        # an entry whose pid now belongs to another process (this one; other start time) is left alone
         data["processes"].append({"pid": psutil.Process().pid, "create_time": 1.0, "name": "pytest"})
         (tmp_path / leftovers.FILE).write_text(json.dumps(data))
         killed = leftovers.reap(tmp_path)
-        assert [k.split()[0] for k in killed] == [str(child.pid)]  # not this process (recycled-pid entry)
-        child.wait(timeout=10)  # (reap already collected its exit status)
-        assert not psutil.pid_exists(child.pid)
+        assert [k.split()[0] for k in killed] == [str(orphan)]
+        time.sleep(0.5)
+        assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
         assert not (tmp_path / leftovers.FILE).exists()
         assert leftovers.reap(tmp_path) == []  # nothing recorded any more
     finally:
-        if child.poll() is None:
-            child.kill()
+        if psutil.pid_exists(orphan):
+            psutil.Process(orphan).kill()
 
 
 def test_a_live_run_in_the_same_directory_is_refused(tmp_path):
@@ -45,6 +56,6 @@ def test_a_live_run_in_the_same_directory_is_refused(tmp_path):
 
 
 def test_forget_after_a_clean_exit(tmp_path):
-    leftovers.record(tmp_path)
+    (tmp_path / leftovers.FILE).write_text("{}")
     leftovers.forget(tmp_path)
     assert not (tmp_path / leftovers.FILE).exists()
