@@ -160,9 +160,9 @@ def _alive(procs) -> list[str]:
     return out
 
 
-def _start_cli(model, run_dir, steps):
+def _start_cli(model, run_dir, steps, *extra):
     cmd = [sys.executable, "-m", "hicra_rl.train", *OVERRIDES, f"model.path={model}", f"trainer.run_dir={run_dir}",
-           f"trainer.total_steps={steps}"]
+           f"trainer.total_steps={steps}", *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
 
@@ -232,7 +232,8 @@ def test_sigkill_of_the_driver_during_a_checkpoint_resumes_from_a_complete_one(t
     steps = [s for s, _ in complete_checkpoints(run_dir / "checkpoints")]
     assert steps and steps[-1] in (1, 2), steps
     orphan_procs = [p for p in procs if any(o.startswith(f"{p.pid} ") for o in orphans)]
-    proc2, log2 = _start_cli(tiny_model, run_dir, STEPS)
+    # the resumed run also logs to wandb (offline): a successful run, wandb and vLLM shut down in order
+    proc2, log2 = _start_cli(tiny_model, run_dir, STEPS, "logging.wandb=true", "logging.wandb_mode=offline")
     try:
         assert proc2.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
@@ -248,6 +249,7 @@ def test_sigkill_of_the_driver_during_a_checkpoint_resumes_from_a_complete_one(t
           f"behind ({[o.split()[1] for o in orphans]}), stopped by the next start: {_alive(orphan_procs) == []}")
     if orphans:
         assert "left by an earlier, killed run" in log_text
+    assert "Traceback" not in log_text, log_text[-3000:]
     assert _alive(orphan_procs) == []
 
 
