@@ -308,3 +308,16 @@ def test_secrets_are_not_put_into_a_shared_clusters_runtime_env(monkeypatch):
     # a local Ray (loopback only, this user's own processes) gets them: the metrics actor logs to wandb
     cluster.connect(None, 2)
     assert seen["env"]["env_vars"]["WANDB_API_KEY"] == "secret-xyz"
+
+
+def test_a_local_ray_listens_on_loopback_only(monkeypatch):
+    import ray
+
+    from hicra_rl import cluster
+
+    calls = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.update(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster.connect(None, 2)
+    assert calls["_node_ip_address"] == "127.0.0.1" and calls["include_dashboard"] is False
