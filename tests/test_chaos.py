@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -128,8 +127,13 @@ def test_a_killed_learner_rank_fails_the_step_at_once_and_resume_loses_no_prompt
         trainer.train_step(0)
         trainer.save(1)
         trainer.train_step(1)  # logged, never checkpointed: it is recomputed after the resume
-        killer = threading.Timer(1.0, lambda: ray.kill(trainer.learners.learners[0]))
-        killer.start()  # mid-step (during generation or the update)
+        update = trainer.learners.update
+
+        def kill_rank_0_then_update(*args, **kwargs):  # mid-step: rollouts and rewards are done
+            ray.kill(trainer.learners.learners[0])
+            return update(*args, **kwargs)
+
+        trainer.learners.update = kill_rank_0_then_update
         t0 = time.monotonic()
         with pytest.raises(ComponentDied, match=r"learner rank 0 died") as died:
             trainer.train_step(2)
