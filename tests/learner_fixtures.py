@@ -74,7 +74,7 @@ def ws2_batch():
     return ids, am, rm, advantages, old_shift
 
 
-def ws2_learner_config(model_dir: str):
+def ws2_learner_config():
     from hicra_rl.config import LearnerConfig
 
     # eps = 1: Adam's step ~ lr * gradient, so the weights compare the gradients (see test_learner)
@@ -86,7 +86,7 @@ def ws2_rank_main(rank: int, world_size: int, port: int, model_dir: str, out_dir
     torch.set_num_threads(1)
     from hicra_rl.learner.engine import PolicyBatch, PolicyLearner
 
-    learner = PolicyLearner(ws2_learner_config(model_dir), model_path=model_dir, rank=rank, world_size=world_size,
+    learner = PolicyLearner(ws2_learner_config(), model_path=model_dir, rank=rank, world_size=world_size,
                             master_port=port, timeout_s=120)
     ids, am, rm, advantages, old_shift = ws2_batch()
     rows = slice(2 * rank, 2 * rank + 2)

@@ -115,10 +115,21 @@ def test_dead_engine_killed_actor_and_killed_verifier_are_survived_with_the_same
     assert _rows(tmp_path)[-1]["rollout/logprob_diff_vllm"] < 1e-3
 
 
+def _step_fails_within_60_s(trainer, step: int, pattern: str, label: str) -> None:
+    """``train_step(step)`` raises ``ComponentDied`` matching ``pattern`` within 60 s (printed for the note)."""
+    from hicra_rl.cluster import ComponentDied
+
+    t0 = time.monotonic()
+    with pytest.raises(ComponentDied, match=pattern) as died:
+        trainer.train_step(step)
+    took = time.monotonic() - t0
+    print(f"CHAOS {label}: failed after {took:.1f} s: {str(died.value)[:200]}")
+    assert took < 60
+
+
 def test_a_killed_learner_rank_fails_the_step_at_once_and_resume_loses_no_prompt(tiny_model, tmp_path, reference):
     import ray
 
-    from hicra_rl.cluster import ComponentDied
     from hicra_rl.driver import Trainer, train
 
     trainer = Trainer(_cfg(tiny_model, tmp_path))
@@ -134,11 +145,7 @@ def test_a_killed_learner_rank_fails_the_step_at_once_and_resume_loses_no_prompt
             return update(*args, **kwargs)
 
         trainer.learners.update = kill_rank_0_then_update
-        t0 = time.monotonic()
-        with pytest.raises(ComponentDied, match=r"learner rank 0 died") as died:
-            trainer.train_step(2)
-        print(f"CHAOS learner rank killed: failed after {time.monotonic() - t0:.1f} s: {str(died.value)[:160]}")
-        assert time.monotonic() - t0 < 60
+        _step_fails_within_60_s(trainer, 2, r"learner rank 0 died", "learner rank killed")
     finally:
         trainer.close(timeout_s=5)
     history = train(_cfg(tiny_model, tmp_path))  # trainer.resume=auto: from the step-1 checkpoint
@@ -273,7 +280,7 @@ def test_losing_the_rollout_node_of_a_multi_node_cluster_fails_within_60_s_namin
     import ray
     from ray.cluster_utils import Cluster
 
-    from hicra_rl.cluster import ComponentDied, bounded_get
+    from hicra_rl.cluster import bounded_get
     from hicra_rl.driver import Trainer
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -292,11 +299,7 @@ def test_losing_the_rollout_node_of_a_multi_node_cluster_fails_within_60_s_namin
         assert rollout_node != learner_node  # the two sides really are on different nodes
         victim = next(n for n in nodes if n.node_id == rollout_node)
         cluster.remove_node(victim, allow_graceful=False)
-        t0 = time.monotonic()
-        with pytest.raises(ComponentDied, match=rf"rollout worker 0 \(host .*, node {rollout_node[:12]}\) ") as died:
-            trainer.train_step(1)
-        print(f"CHAOS node removed: failed after {time.monotonic() - t0:.1f} s: {str(died.value)[:200]}")
-        assert time.monotonic() - t0 < 60
+        _step_fails_within_60_s(trainer, 1, rf"rollout worker 0 \(host .*, node {rollout_node[:12]}\) ", "node removed")
     finally:
         trainer.close(timeout_s=5)
         ray.shutdown()

@@ -256,7 +256,7 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
     assert r0["stats"]["actor/pg_loss"] == r1["stats"]["actor/pg_loss"]
 
-    learner = PolicyLearner(ws2_learner_config(tiny_model), model_path=tiny_model, master_port=port)
+    learner = PolicyLearner(ws2_learner_config(), model_path=tiny_model, master_port=port)
     ids, am, rm, advantages, old_shift = ws2_batch()
     lp, _ = learner.compute_log_probs(ids, am, rm, width=advantages.shape[1])
     single = learner.update(PolicyBatch(ids, am, rm, lp + old_shift, advantages))
