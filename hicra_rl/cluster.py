@@ -52,12 +52,14 @@ def connect(address: str | None, num_cpus: int | None, runtime_env: dict | None 
                         if k.startswith(prefixes) and k not in job_env and not (address and _SECRET.search(k))}}
     if runtime_env:
         env.update(runtime_env)
-    with _keep_signal_handlers():  # ray.init replaces SIGTERM's handler (its own aborts the process)
+    with keep_signal_handlers():  # ray.init replaces SIGTERM's handler (its own aborts the process)
         _init(address, num_cpus, env)
 
 
 @contextmanager
-def _keep_signal_handlers():
+def keep_signal_handlers():
+    """SIGINT's and SIGTERM's handlers are put back as they were at entry (signals are a main-thread
+    matter: elsewhere this does nothing)."""
     import signal
     import threading
 

@@ -193,7 +193,7 @@ class Trainer:
             leftovers.record(self.run_dir)
         self.setup_seconds = time.perf_counter() - t0
 
-    def _after_rollout_restart(self, worker, index: int) -> None:
+    def _after_rollout_restart(self, worker) -> None:
         """A restarted rollout worker gets the current policy weights before it generates again."""
         self.learners.sync_weights(self.fleet, [worker])
 
@@ -393,20 +393,17 @@ def stop_on_signals():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from hicra_rl.cluster import keep_signal_handlers
 
     def handler(signum, frame):
         Interrupted.last_signal = signal.Signals(signum).name  # Ray's waits may re-raise it as KeyboardInterrupt
         raise Interrupted(Interrupted.last_signal)
 
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with keep_signal_handlers():
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, handler)
         yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 def train(cfg: TrainConfig) -> list[dict[str, float]]:

@@ -294,7 +294,7 @@ class FleetSession:
                      for i in range(self.reward_cfg.num_workers)]
         self.fleet = Fleet(rollouts, verifiers, cl.step_timeout_s, r.top_p, list(r.stop),
                            health_every_s=cl.health_check_s, max_restarts=cl.max_restarts_per_call,
-                           restart_rollout=lambda i: self.restart_rollout(i),
+                           restart_rollout=self.restart_rollout,
                            restart_verifier=lambda i: self.restart(f"verifier{i}"))
         self.fleet.where = lambda kind, j: self.where(f"{kind}{j}") if kind == "rollout" else ""
 
@@ -356,7 +356,7 @@ class FleetSession:
         actor = self.restart(name)
         self.identities[name] = _bounded_get(actor.identity.remote(), self.cluster_cfg.actor_start_timeout_s, name)
         if self.after_rollout_restart is not None:
-            self.after_rollout_restart(actor, i)
+            self.after_rollout_restart(actor)
         log.warning("rollout worker %d (%s) restarted with the current weights in %.0f s", i, where,
                     time.perf_counter() - t0)
         return actor

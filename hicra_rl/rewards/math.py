@@ -186,40 +186,37 @@ def verify(response: str, gold: str, mode: str = "boxed", *, timeout_s: float | 
 
 _BOUNDED_LOCK = threading.Lock()
 _bounded_pool = None        # the TimeBoundedVerifier of verify(); created lazily under _BOUNDED_LOCK
-_bounded_pool_pid = None    # the process that created it (a forked child must not use its parent's pipes)
 _atexit_registered = False
 
 
 def _reset_after_fork() -> None:
     """In a forked child: forget the parent's pool (its pipes and workers are the parent's) and lock."""
-    global _BOUNDED_LOCK, _bounded_pool, _bounded_pool_pid
+    global _BOUNDED_LOCK, _bounded_pool
     _BOUNDED_LOCK = threading.Lock()
-    _bounded_pool, _bounded_pool_pid = None, None
+    _bounded_pool = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _close_bounded_pool() -> None:
-    """Stop the worker process of verify()'s pool, if this process made one (registered with atexit)."""
-    global _bounded_pool, _bounded_pool_pid
-    pool, owner = _bounded_pool, _bounded_pool_pid
-    _bounded_pool, _bounded_pool_pid = None, None
-    if pool is not None and owner == os.getpid():
+    """Stop the worker process of verify()'s pool, if this process made one (registered with atexit; a
+    forked child never holds its parent's pool: ``_reset_after_fork``)."""
+    global _bounded_pool
+    pool, _bounded_pool = _bounded_pool, None
+    if pool is not None:
         pool.close()
 
 
 def _verify_bounded(response: str, gold: str, mode: str, timeout_s: float) -> bool:
-    global _bounded_pool, _bounded_pool_pid, _atexit_registered
+    global _bounded_pool, _atexit_registered
     with _BOUNDED_LOCK:
-        if _bounded_pool is None or _bounded_pool_pid != os.getpid():
+        if _bounded_pool is None:
             # imported here: hicra_rl.rewards.pool imports this module
             from hicra_rl.rewards.pool import TimeBoundedVerifier
 
             _bounded_pool = TimeBoundedVerifier(time_limit_s=timeout_s, num_workers=1, answer_mode=mode,
                                                 spare_worker=True, import_main=False)
-            _bounded_pool_pid = os.getpid()
             if not _atexit_registered:
                 # registered after multiprocessing's own exit hook, so it runs before it (atexit is LIFO)
                 atexit.register(_close_bounded_pool)
