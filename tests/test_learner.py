@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from learner_fixtures import (
-    build_tiny_llama,
     direct_log_probs,
     free_port,
     random_rows,
@@ -25,16 +24,6 @@ from hicra_rl.learner.engine import PolicyBatch, PolicyLearner, _lr_lambda
 from hicra_rl.learner.sequences import build_sequences, gather_response, response_spans
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield build_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
-    # the process group stays: DeepSpeed caches its groups for the life of the process
-    remove_shm_buffers()
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +93,15 @@ def test_config_rejects_bad_settings():
 
 
 # ---------------------------------------------------------------------------- DeepSpeed, world size 1
-def test_log_probs_and_entropy_match_plain_hf(tiny_model, port):
+def test_log_probs_and_entropy_match_plain_hf(tiny_llama, port):
     learner = PolicyLearner(LearnerConfig(zero_stage=2, micro_batch_size=3, logprob_chunk_size=5),
-                            model_path=tiny_model, logits_temperature=0.7, master_port=port)
+                            model_path=tiny_llama, logits_temperature=0.7, master_port=port)
     prompts, responses = random_rows(0, [4, 1, 6, 3, 2], [3, 5, 1, 4, 2])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     lp, ent = learner.compute_log_probs(ids, am, rm, width=6)
     assert lp.shape == ent.shape == (5, 6)
     with torch.no_grad():
-        ref_lp, ref_ent = direct_log_probs(reference_model(tiny_model), prompts, responses, temperature=0.7)
+        ref_lp, ref_ent = direct_log_probs(reference_model(tiny_llama), prompts, responses, temperature=0.7)
     torch.testing.assert_close(lp, to_layout(ref_lp, 6), atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, to_layout(ref_ent, 6), atol=1e-4, rtol=0)
     # sanity of the reference itself: a near-uniform tiny model over 49152 tokens
@@ -124,7 +113,7 @@ def test_log_probs_and_entropy_match_plain_hf(tiny_model, port):
     (2, "seq-mean-token-mean", 0.01, False),
     (3, "token-mean", 0.0, True),
 ])
-def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, entropy_coef, checkpointing):
+def test_update_equals_full_batch_reference(tiny_llama, port, stage, agg_mode, entropy_coef, checkpointing):
     """4 sequences, 2 mini-batches (= 2 optimizer steps) of 2 micro-batches each: the learner's
     accumulated loss, gradient norm and AdamW update equal a direct full-mini-batch computation.
 
@@ -134,7 +123,7 @@ def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, e
     lr, eps, wd, clip = 0.1, 1.0, 0.1, 1.0
     learner = PolicyLearner(LearnerConfig(zero_stage=stage, lr=lr, eps=eps, weight_decay=wd, max_grad_norm=clip,
                                           micro_batch_size=1, mini_batches_per_step=2),
-                            model_path=tiny_model, gradient_checkpointing=checkpointing, loss=loss_cfg,
+                            model_path=tiny_llama, gradient_checkpointing=checkpointing, loss=loss_cfg,
                             master_port=port)
     prompts, responses = random_rows(1, [3, 7, 2, 5], [6, 2, 9, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -148,7 +137,7 @@ def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, e
 
     stats = learner.update(PolicyBatch(ids, am, rm, old, adv))
 
-    model = reference_model(tiny_model)
+    model = reference_model(tiny_llama)
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, eps=eps)
@@ -182,8 +171,8 @@ def test_update_equals_full_batch_reference(tiny_model, port, stage, agg_mode, e
     assert (trained[name] - initial[name]).abs().max() > 1e-4
 
 
-def test_zero_advantages_give_zero_loss_and_no_update(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=1e-2, micro_batch_size=2), model_path=tiny_model,
+def test_zero_advantages_give_zero_loss_and_no_update(tiny_llama, port):
+    learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
                             master_port=port)
     prompts, responses = random_rows(3, [2, 4, 3], [5, 3, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -197,9 +186,9 @@ def test_zero_advantages_give_zero_loss_and_no_update(tiny_model, port):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_reference_model_stays_frozen_and_kl_grows(tiny_model, port):
+def test_reference_model_stays_frozen_and_kl_grows(tiny_llama, port):
     learner = PolicyLearner(LearnerConfig(zero_stage=3, lr=1e-2, micro_batch_size=2, mini_batches_per_step=2),
-                            model_path=tiny_model, loss=PolicyLossConfig(kl_coef=0.5), master_port=port)
+                            model_path=tiny_llama, loss=PolicyLossConfig(kl_coef=0.5), master_port=port)
     prompts, responses = random_rows(4, [2, 4, 3, 2], [5, 3, 4, 2])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     lp0, _ = learner.compute_log_probs(ids, am, rm)
@@ -213,10 +202,10 @@ def test_reference_model_stays_frozen_and_kl_grows(tiny_model, port):
     assert (learner.compute_log_probs(ids, am, rm)[0] - lp0).abs().max() > 1e-3
 
 
-def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(zero_stage=3), model_path=tiny_model, master_port=port)
+def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_llama, port):
+    learner = PolicyLearner(LearnerConfig(zero_stage=3), model_path=tiny_llama, master_port=port)
     sd = learner.full_state_dict()
-    expected = reference_model(tiny_model).state_dict()
+    expected = reference_model(tiny_llama).state_dict()
     assert set(sd) == set(expected) and "lm_head.weight" in sd
     for name, value in expected.items():
         assert torch.equal(sd[name], value), name
@@ -224,8 +213,8 @@ def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_model, port):
     assert sd["lm_head.weight"].data_ptr() != sd["model.embed_tokens.weight"].data_ptr()
 
 
-def test_update_rejects_mismatched_batch(tiny_model, port):
-    learner = PolicyLearner(LearnerConfig(zero_stage=0, mini_batches_per_step=2), model_path=tiny_model,
+def test_update_rejects_mismatched_batch(tiny_llama, port):
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, mini_batches_per_step=2), model_path=tiny_llama,
                             master_port=port)
     prompts, responses = random_rows(6, [2, 3, 2], [3, 2, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -242,13 +231,13 @@ def test_update_rejects_mismatched_batch(tiny_model, port):
 # ---------------------------------------------------------------------------- two ranks
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path):
+def test_two_ranks_match_one_rank_on_the_global_batch(tiny_llama, port, tmp_path):
     """ZeRO-2 over two gloo ranks (each with half the batch, very different token counts) gives both
     ranks the same weights, and the same loss, gradient norm and weights as one rank on the whole batch."""
     import torch.multiprocessing as mp
 
     try:
-        mp.spawn(ws2_rank_main, args=(2, free_port(), tiny_model, str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(ws2_rank_main, args=(2, free_port(), tiny_llama, str(tmp_path)), nprocs=2, join=True)
     finally:
         remove_shm_buffers()
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -256,7 +245,7 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
     assert r0["stats"]["actor/pg_loss"] == r1["stats"]["actor/pg_loss"]
 
-    learner = PolicyLearner(ws2_learner_config(), model_path=tiny_model, master_port=port)
+    learner = PolicyLearner(ws2_learner_config(), model_path=tiny_llama, master_port=port)
     ids, am, rm, advantages, old_shift = ws2_batch()
     lp, _ = learner.compute_log_probs(ids, am, rm, width=advantages.shape[1])
     single = learner.update(PolicyBatch(ids, am, rm, lp + old_shift, advantages))
@@ -265,16 +254,16 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tiny_model, port, tmp_path
     assert r0["stats"]["actor/grad_norm"] == pytest.approx(single["actor/grad_norm"], rel=1e-5)
     for name, value in learner.engine.module.state_dict().items():
         torch.testing.assert_close(r0["weights"][name], value, atol=1e-6, rtol=0, msg=name)
-    initial = reference_model(tiny_model).state_dict()
+    initial = reference_model(tiny_llama).state_dict()
     assert not torch.equal(r0["weights"]["model.norm.weight"], initial["model.norm.weight"])
 
 
-def test_update_moves_log_probs_in_the_direction_of_the_hicra_advantages(tiny_model, port):
+def test_update_moves_log_probs_in_the_direction_of_the_hicra_advantages(tiny_llama, port):
     """One PPO step on GRPO advantages shaped by HICRA: responses with A > 0 become more likely, those
     with A < 0 less likely (the sign of learning, end to end through DeepSpeed)."""
     from hicra_rl.algo import compute_advantages, hicra_advantages
 
-    learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=2), model_path=tiny_model,
+    learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=1e-3, micro_batch_size=2), model_path=tiny_llama,
                             master_port=port)
     prompts, responses = random_rows(11, [3, 3, 4, 2], [6, 5, 6, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
@@ -293,7 +282,7 @@ def test_update_moves_log_probs_in_the_direction_of_the_hicra_advantages(tiny_mo
     assert change[2] < 0 and change[3] < 0, change
 
 
-def test_on_policy_update_equals_recomputed_old_log_probs(tiny_model, port):
+def test_on_policy_update_equals_recomputed_old_log_probs(tiny_llama, port):
     """One epoch, one mini-batch: using the update's own forward, detached, as pi_old gives the same loss,
     gradient (weights after AdamW with eps = 1) and stats as a separate old-log-prob forward."""
     cfg = LearnerConfig(zero_stage=0, lr=0.1, eps=1.0, micro_batch_size=2)
@@ -301,13 +290,13 @@ def test_on_policy_update_equals_recomputed_old_log_probs(tiny_model, port):
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     adv = torch.randn(4, 6, generator=torch.Generator().manual_seed(13))
 
-    recompute = PolicyLearner(cfg, model_path=tiny_model, master_port=port)
+    recompute = PolicyLearner(cfg, model_path=tiny_llama, master_port=port)
     lp, ent = recompute.compute_log_probs(ids, am, rm, width=6)
     stats_r = recompute.update(PolicyBatch(ids, am, rm, lp, adv))
     weights_r = recompute.full_state_dict()
     assert recompute.forward_log_probs is None
 
-    shortcut = PolicyLearner(cfg, model_path=tiny_model, master_port=port)
+    shortcut = PolicyLearner(cfg, model_path=tiny_llama, master_port=port)
     stats_s = shortcut.update(PolicyBatch(ids, am, rm, None, adv))
     torch.testing.assert_close(shortcut.forward_log_probs, lp, atol=1e-6, rtol=0)
     torch.testing.assert_close(shortcut.forward_entropy, ent, atol=1e-5, rtol=0)
@@ -318,31 +307,31 @@ def test_on_policy_update_equals_recomputed_old_log_probs(tiny_model, port):
     for name in weights_r:
         torch.testing.assert_close(weights_s[name], weights_r[name], atol=1e-6, rtol=0)
 
-    two_minis = PolicyLearner(LearnerConfig(zero_stage=0, mini_batches_per_step=2), model_path=tiny_model,
+    two_minis = PolicyLearner(LearnerConfig(zero_stage=0, mini_batches_per_step=2), model_path=tiny_llama,
                               master_port=port)
     with pytest.raises(ValueError, match="not on-policy after the first optimizer step"):
         two_minis.update(PolicyBatch(ids, am, rm, None, adv))
 
 
-def test_gradient_step_groups_micro_batches_by_length(tiny_model, port):
+def test_gradient_step_groups_micro_batches_by_length(tiny_llama, port):
     """Rows of 3, 11, 3, 11 tokens in micro-batches of 2: grouped by length they need 2x3 + 2x11 = 28
     positions for 28 real tokens (no padding; in the given order it would be 44), and the NLL loss equals
     the token mean over all response tokens computed directly."""
     from hicra_rl.sft import nll_loss
 
-    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-3, micro_batch_size=2), model_path=tiny_model,
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-3, micro_batch_size=2), model_path=tiny_llama,
                             master_port=port)
     prompts, responses = random_rows(14, [2, 2, 2, 2], [1, 9, 1, 9])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     with torch.no_grad():
-        lps, _ = direct_log_probs(reference_model(tiny_model), prompts, responses)
+        lps, _ = direct_log_probs(reference_model(tiny_llama), prompts, responses)
     expected_nll = -float(torch.cat(lps).sum()) / 20
     out = learner.gradient_step(ids, am, rm, nll_loss)
     assert out["padding_frac"] == 0.0 and out["n_tokens"] == 20
     assert out["sft/nll"] == pytest.approx(expected_nll, abs=1e-5)
 
 
-def test_shared_prefix_update_equals_separate_rows(tiny_model, port):
+def test_shared_prefix_update_equals_separate_rows(tiny_llama, port):
     """learner.shared_prefix packs each prompt group into one row (the prompt computed once): the update's
     loss, gradient (weights after AdamW with eps = 1) and pre-update log-probs equal the separate-row path."""
     prompts, responses = random_rows(21, [4, 2, 6], [5, 3, 7, 2, 4, 6])  # 6 responses, 3 groups below
@@ -352,7 +341,7 @@ def test_shared_prefix_update_equals_separate_rows(tiny_model, port):
     results = {}
     for shared in (False, True):
         learner = PolicyLearner(LearnerConfig(zero_stage=2, lr=0.1, eps=1.0, micro_batch_size=3, shared_prefix=shared),
-                                model_path=tiny_model, master_port=port, logits_temperature=0.8)
+                                model_path=tiny_llama, master_port=port, logits_temperature=0.8)
         stats = learner.update(PolicyBatch(ids, am, rm, None, adv))
         results[shared] = (stats, learner.forward_log_probs, learner.forward_entropy, learner.full_state_dict())
         if shared:  # packed lengths 4+5+3 = 12, 2+7+2+4 = 15, 6+6 = 12: groups {0, 2} then {1} (<= 3 responses)
@@ -370,11 +359,11 @@ def test_shared_prefix_update_equals_separate_rows(tiny_model, port):
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_a_nonfinite_update_is_skipped_and_the_next_one_applies(tiny_model, port, stage):
+def test_a_nonfinite_update_is_skipped_and_the_next_one_applies(tiny_llama, port, stage):
     """A NaN advantage makes the loss and every gradient NaN: the optimizer step is skipped (ZeRO-2:
     DeepSpeed's own overflow check; plain fp32 data parallel: ours), the weights stay as they were, the
     stats say so, and the next finite update moves the weights again."""
-    learner = PolicyLearner(LearnerConfig(zero_stage=stage, lr=1e-2, micro_batch_size=2), model_path=tiny_model,
+    learner = PolicyLearner(LearnerConfig(zero_stage=stage, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
                             master_port=port)
     prompts, responses = random_rows(5, [2, 4, 3], [5, 3, 4])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)

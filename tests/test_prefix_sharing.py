@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from learner_fixtures import build_tiny_llama, direct_log_probs, random_rows, to_layout
+from learner_fixtures import direct_log_probs, random_rows, to_layout
 
 from hicra_rl.learner.prefix_sharing import (
     check_attention_implementation,
@@ -18,14 +18,6 @@ from hicra_rl.learner.sequences import build_sequences
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 NEG = torch.finfo(torch.float32).min
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield build_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama-prefix")))
 
 
 def load(path: str, attn: str):
@@ -111,9 +103,9 @@ def test_pack_rows_groups_by_prompt():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_matches_unshared_forward_and_gradients(tiny_dir, attn):
+def test_matches_unshared_forward_and_gradients(tiny_llama, attn):
     torch.manual_seed(0)
-    model = load(tiny_dir, attn)
+    model = load(tiny_llama, attn)
     prompts, responses, gids = grouped_batch()
     packed = pack_groups(prompts, responses, gids, pad_id=0)
     width = max(len(r) for r in responses) + 2
@@ -158,9 +150,9 @@ def test_rejects_flash_attention_config():
         check_attention_implementation(wrapper)
 
 
-def test_random_rows_single_groups_match(tiny_dir):
+def test_random_rows_single_groups_match(tiny_llama):
     """Every row its own group (no sharing) is still exact: the packing degenerates to the row layout."""
-    model = load(tiny_dir, "sdpa")
+    model = load(tiny_llama, "sdpa")
     prompts, responses = random_rows(5, [3, 1, 4], [2, 5, 1])
     packed = pack_groups(prompts, responses, [0, 1, 2], pad_id=0)
     with torch.no_grad():
@@ -170,9 +162,9 @@ def test_random_rows_single_groups_match(tiny_dir):
     torch.testing.assert_close(ent, to_layout(ref_ent, 5), atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_mask_no_nans(tiny_dir):
+def test_bf16_mask_no_nans(tiny_llama):
     """In bf16 the mask is built in bf16 (finfo(bf16).min, no -inf); padded rows give no NaNs."""
-    model = load(tiny_dir, "sdpa").to(torch.bfloat16)
+    model = load(tiny_llama, "sdpa").to(torch.bfloat16)
     prompts, responses, gids = grouped_batch()
     packed = pack_groups(prompts, responses, gids, pad_id=0)
     lp, ent = shared_prefix_log_probs(model, packed, 8)
