@@ -10,6 +10,7 @@ verifier pool) on a tiny random-weight Llama with the real SmolLM2 tokenizer.
 
 Bounded: each run is a few 10-token steps; the whole module takes ~10 min on 2 cores.
 """
+import contextlib
 import math
 import os
 import signal
@@ -294,11 +295,19 @@ def test_losing_the_rollout_node_of_a_multi_node_cluster_fails_within_60_s_namin
     try:
         trainer.setup()
         trainer.train_step(0)
-        rollout_node = bounded_get(trainer.fleet.rollouts[0].identity.remote(), 30, "identity")["node_id"]
+        ident = bounded_get(trainer.fleet.rollouts[0].identity.remote(), 30, "identity")
+        rollout_node = ident["node_id"]
         learner_node = bounded_get(trainer.learners.learners[0].node_id.remote(), 30, "learner node")
         assert rollout_node != learner_node  # the two sides really are on different nodes
         victim = next(n for n in nodes if n.node_id == rollout_node)
+        # a lost machine takes every process on it along.  ``remove_node`` stops only the node's raylet; the
+        # worker processes of a node simulated on one host linger (seen in CI: the rollout actor served a
+        # whole further step after its raylet was gone), so they go too, as they would with the machine
+        workers = _tree(psutil.Process(ident["pid"]))
         cluster.remove_node(victim, allow_graceful=False)
+        for proc in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         _step_fails_within_60_s(trainer, 1, rf"rollout worker 0 \(host .*, node {rollout_node[:12]}\) ", "node removed")
     finally:
         trainer.close(timeout_s=5)
