@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo")
+ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo", "hicra_adaptive")
 # the dtypes a run can train in: the learner and vLLM use the same one (float16 has no loss scaling here)
 MODEL_DTYPES = ("float32", "bfloat16")
 # lexicons shipped in hicra_rl/resources (their metadata records the command that mined them)
@@ -43,7 +43,7 @@ class ModelConfig:
 class AlgorithmConfig:
     name: str = "hicra"
     advantage_estimator: str = "grpo_mean"  # grpo_mean (paper) | grpo_std | dr_grpo
-    hicra_alpha: float = 0.2                # 0 disables HICRA (GRPO)
+    hicra_alpha: float = 0.2                # 0 disables HICRA (GRPO); alpha_max for hicra_adaptive
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
     dual_clip_c: Optional[float] = None
@@ -51,6 +51,21 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0               # > 0: the entropy-regularisation baseline
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    # hicra_adaptive only (docs/hicra_adaptive.md): alpha = hicra_alpha * g, g in [0, 1] from past training
+    # steps: min(drop, flatness) of the execution relative-perplexity EMA and a ramp of the accuracy EMA
+    adaptive_window: int = 4                # W: steps of the perplexity slope; g = 0 until W + 1 steps seen
+    adaptive_ema: float = 0.7               # weight of the past in the EMAs of both signals
+    adaptive_ppl_drop: float = 0.05         # relative fall of the perplexity EMA counted as consolidated (0: none)
+    adaptive_ppl_slope: float = 0.01        # |change per step| / level at which the perplexity counts as moving
+    adaptive_acc_low: float = 0.2           # accuracy EMA at which competence leaves 0
+    adaptive_acc_high: float = 0.6          # accuracy EMA at which competence reaches 1
+    adaptive_gate_ema: float = 0.5          # weight of the past in the gate's own smoothing
+    # rollout-learner mismatch correction against vLLM's sampling log-probs (verl rollout_correction):
+    # none | token_tis | seq_tis | seq_mask (hicra_rl.algo.losses.ROLLOUT_CORRECTIONS); cap C = TIS
+    # truncation or the seq_mask band [1/C, C].  Needs rollout log-probs of the tempered policy
+    # (vLLM logprobs_mode=processed_logprobs) when rollout.temperature != 1
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
 
 
 @dataclass
@@ -141,6 +156,11 @@ class LearnerConfig:
     # one packed row per prompt group (the prompt computed once, not G times; block attention mask,
     # Prefix Grouper): same log-probs and gradients as separate rows (tested), fewer tokens
     shared_prefix: bool = False
+    # > 0: micro-batches by padded tokens instead of micro_batch_size sequences (verl use_dynamic_bsz):
+    # length-sorted rows (with shared_prefix: packed prompt groups) are added while rows x longest row
+    # <= micro_batch_tokens; a row longer than the budget runs alone. Same loss and gradients (global
+    # normalisers; tested). 0: micro_batch_size sequences per micro-batch
+    micro_batch_tokens: int = 0
 
 
 LEARNER_OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
@@ -161,6 +181,8 @@ def check_learner_config(l: LearnerConfig, prefix: str = "learner") -> None:
     for name in ("micro_batch_size", "ppo_epochs", "mini_batches_per_step", "logprob_chunk_size"):
         _check(getattr(l, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(l, name)}")
     _check(l.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {l.warmup_steps}")
+    _check(l.micro_batch_tokens >= 0, f"{prefix}.micro_batch_tokens",
+           f"must be >= 0 (padded tokens per micro-batch; 0: micro_batch_size sequences), got {l.micro_batch_tokens}")
     _check(l.old_log_prob_forward in ("auto", "always"), f"{prefix}.old_log_prob_forward",
            f"must be auto or always, got {l.old_log_prob_forward!r}")
 
@@ -310,8 +332,16 @@ def validate(cfg: TrainConfig) -> None:
     a, r, l, t, c = cfg.algorithm, cfg.rollout, cfg.learner, cfg.trainer, cfg.cluster
     _check(a.name in ALGORITHMS, "algorithm.name", f"{a.name!r} is not one of {ALGORITHMS}")
     _check(0.0 <= a.hicra_alpha < 1.0, "algorithm.hicra_alpha", f"must be in [0, 1), got {a.hicra_alpha}")
-    _check(a.name == "hicra" or a.hicra_alpha == 0.0, "algorithm.hicra_alpha",
-           f"algorithm {a.name!r} must have hicra_alpha 0 (got {a.hicra_alpha}); use algorithm=hicra")
+    _check(a.name in ("hicra", "hicra_adaptive") or a.hicra_alpha == 0.0, "algorithm.hicra_alpha",
+           f"algorithm {a.name!r} must have hicra_alpha 0 (got {a.hicra_alpha}); use algorithm=hicra or "
+           "algorithm=hicra_adaptive")
+    _check(a.name != "hicra_adaptive" or a.hicra_alpha > 0.0, "algorithm.hicra_alpha",
+           f"algorithm 'hicra_adaptive' uses hicra_alpha as its alpha_max and needs it > 0 (got {a.hicra_alpha}); "
+           "use algorithm=grpo for alpha 0")
+    from hicra_rl.algo.adaptive_alpha import gate_config_errors
+
+    for key, msg in gate_config_errors(a):
+        _check(False, f"algorithm.{key}", msg)
     from hicra_rl.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
     _check(a.advantage_estimator in ADVANTAGE_ESTIMATORS, "algorithm.advantage_estimator",
@@ -321,6 +351,12 @@ def validate(cfg: TrainConfig) -> None:
     _check(a.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
            f"unknown estimator {a.kl_estimator!r}; registered: {sorted(KL_ESTIMATORS)}")
     _check(a.dual_clip_c is None or a.dual_clip_c > 1, "algorithm.dual_clip_c", f"must be > 1, got {a.dual_clip_c}")
+    from hicra_rl.algo.losses import ROLLOUT_CORRECTIONS
+
+    _check(a.rollout_correction in ROLLOUT_CORRECTIONS, "algorithm.rollout_correction",
+           f"unknown correction {a.rollout_correction!r}; registered: {sorted(ROLLOUT_CORRECTIONS)}")
+    _check(a.rollout_correction_cap > 1, "algorithm.rollout_correction_cap",
+           f"must be > 1, got {a.rollout_correction_cap}")
     _check(0 <= a.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {a.clip_ratio_low}")
     _check(a.clip_ratio_high >= 0, "algorithm.clip_ratio_high", f"must be >= 0, got {a.clip_ratio_high}")
     _check(a.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
@@ -337,7 +373,7 @@ def validate(cfg: TrainConfig) -> None:
            f"batch of {batch} responses (prompts_per_step x group_size) does not divide into "
            f"{l.num_ranks} ranks x {l.mini_batches_per_step} mini-batches")
     per_rank_mini = batch // (l.num_ranks * l.mini_batches_per_step)
-    _check(l.micro_batch_size >= 1 and per_rank_mini % l.micro_batch_size == 0, "learner.micro_batch_size",
+    _check(l.micro_batch_tokens > 0 or per_rank_mini % l.micro_batch_size == 0, "learner.micro_batch_size",
            f"{per_rank_mini} responses per rank and mini-batch do not divide into micro-batches of "
            f"{l.micro_batch_size}")
     _check(r.prompts_per_step >= r.num_workers, "rollout.num_workers",
@@ -393,7 +429,9 @@ def policy_loss_config(cfg: TrainConfig):
     return PolicyLossConfig(clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                             dual_clip_c=a.dual_clip_c, agg_mode=a.loss_agg_mode, entropy_coef=a.entropy_coef,
                             kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                            norm_constant=float(cfg.rollout.max_new_tokens))
+                            norm_constant=float(cfg.rollout.max_new_tokens),
+                            rollout_correction=a.rollout_correction,
+                            rollout_correction_cap=a.rollout_correction_cap)
 
 
 def as_plain_dict(cfg: TrainConfig) -> dict[str, Any]:

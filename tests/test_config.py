@@ -34,7 +34,7 @@ def load(*overrides: str) -> TrainConfig:
 # ---------------------------------------------------------------- every option composes and validates
 def test_the_groups_have_the_expected_options():
     found = {g: sorted(o for gg, o in OPTIONS if gg == g) for g in GROUPS}
-    assert found["algorithm"] == ["dr_grpo", "entropy_reg", "grpo", "hicra"]
+    assert found["algorithm"] == ["dr_grpo", "entropy_reg", "grpo", "hicra", "hicra_adaptive"]
     assert {"smollm2_135m", "qwen2.5_7b_base", "qwen3_4b_base", "qwen3_4b_instruct"} <= set(found["model"])
     assert {"local_cpu", "single_node_gpu", "multi_node"} <= set(found["cluster"])
     assert {"arith", "gsm8k", "math500", "dapo_math_17k", "deepscaler"} <= set(found["data"])

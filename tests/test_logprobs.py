@@ -42,6 +42,21 @@ def test_gradient_matches_autograd_through_naive():
     assert torch.allclose(got, logits.grad, atol=1e-5)
 
 
+def test_gradient_of_one_output_alone_matches_autograd():
+    """A loss of the log-probs only (the policy term) or of the entropy only: the backward skips the other
+    output's term (no materialised zero gradient) and still gives autograd's gradient."""
+    torch.manual_seed(2)
+    labels = torch.randint(0, 11, (7,))
+    w = torch.randn(7, dtype=torch.float64)
+    for which in (0, 1):
+        logits = (torch.randn(7, 11, dtype=torch.float64) * 2).requires_grad_()
+        (logprobs_and_entropy(logits, labels, chunk_size=3)[which] * w).sum().backward()
+        got = logits.grad.clone()
+        logits.grad = None
+        (_naive(logits, labels)[which] * w).sum().backward()
+        assert torch.allclose(got, logits.grad, atol=1e-6), which
+
+
 def test_bf16_logits_keep_their_dtype_for_grad():
     logits = torch.randn(4, 16).to(torch.bfloat16).requires_grad_()
     lp, ent = logprobs_and_entropy(logits, torch.tensor([1, 2, 3, 4]), chunk_size=2)

@@ -13,17 +13,20 @@ from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
+    ROLLOUT_CORRECTIONS,
     PolicyLossConfig,
     aggregate_loss,
     kl_penalty,
     masked_mean,
     ppo_clip_loss,
+    rollout_correction,
 )
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "KL_ESTIMATORS",
+    "ROLLOUT_CORRECTIONS",
     "StepAdvantages",
     "hicra_step_advantages",
     "PolicyLossConfig",
@@ -36,5 +39,6 @@ __all__ = [
     "masked_mean",
     "mean_centred_advantages",
     "ppo_clip_loss",
+    "rollout_correction",
     "std_normalised_advantages",
 ]

@@ -15,7 +15,7 @@ def _chunk_stats(logits_chunk: torch.Tensor, labels_chunk: torch.Tensor):
     z = logits_chunk.float()
     lse = torch.logsumexp(z, dim=-1)
     label_logit = z.gather(-1, labels_chunk[:, None]).squeeze(-1)
-    p = torch.softmax(z, dim=-1)
+    p = torch.exp(z - lse[:, None])  # the softmax, from the log-normaliser already computed
     expected_z = (p * z).sum(-1)
     return label_logit - lse, lse - expected_z, lse, expected_z
 
@@ -33,11 +33,14 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
             logp[s:e], ent[s:e], lse[s:e], ez[s:e] = _chunk_stats(logits[s:e], labels[s:e])
         ctx.save_for_backward(logits, labels, lse, ez)
         ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an output the loss does not use (the entropy, mostly) gets None
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor, grad_ent: torch.Tensor):
         logits, labels, lse, ez = ctx.saved_tensors
+        if grad_logp is None and grad_ent is None:
+            return None, None, None
         grad = torch.empty_like(logits)
         n = logits.shape[0]
         cs = ctx.chunk_size
@@ -45,11 +48,16 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
             e = min(n, s + cs)
             z = logits[s:e].float()
             p = torch.exp(z - lse[s:e, None])
-            # d logp_label / dz_j = 1[j = label] - p_j
-            g = -p * grad_logp[s:e, None]
-            g.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None].float())
-            # d H / dz_j = -p_j (z_j - E_p[z])
-            g -= grad_ent[s:e, None] * p * (z - ez[s:e, None])
+            if grad_ent is not None:
+                # d H / dz_j = -p_j (z_j - E_p[z])
+                g = p * (z - ez[s:e, None]) * -grad_ent[s:e, None]
+                if grad_logp is not None:
+                    g -= p * grad_logp[s:e, None]
+            else:
+                g = p.mul_(-grad_logp[s:e, None])
+            if grad_logp is not None:
+                # d logp_label / dz_j = 1[j = label] - p_j
+                g.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None].float())
             grad[s:e] = g.to(logits.dtype)
         return grad, None, None
 
