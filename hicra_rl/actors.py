@@ -31,14 +31,14 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, tensor_parallel_size: int,
                  gpu_memory_utilization: float, kv_cache_gib: float | None, cpu_threads: str | None,
-                 enforce_eager: bool):
+                 enforce_eager: bool, logprobs_mode: str = "raw_logprobs"):
         from hicra_rl.rollout.engine import VLLMRolloutEngine
 
         self.engine = VLLMRolloutEngine(
             model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_gib=None if kv_cache_gib is None else max(1, int(kv_cache_gib)),
-            cpu_threads=cpu_threads, enforce_eager=enforce_eager,
+            cpu_threads=cpu_threads, enforce_eager=enforce_eager, logprobs_mode=logprobs_mode,
         )
 
     def ready(self) -> float:

@@ -76,6 +76,33 @@ class RolloutBatch:
         out.validate()
         return out
 
+    _PER_RESPONSE = ("prompt_ids", "response_ids", "sampling_logprobs", "finish_reasons", "response_texts",
+                     "prompt_texts", "golds", "tasks", "scores", "planning_masks", "tagged_texts", "sg_occurrences")
+
+    def take_groups(self, groups: Sequence[int]) -> RolloutBatch:
+        """The responses of prompt groups ``groups`` (in that order), renumbered 0..len(groups)-1; every
+        per-response field that is filled comes along (golds, scores, ...)."""
+        rows = [[i for i, g in enumerate(self.group_ids) if g == group] for group in groups]
+        out = RolloutBatch([], [], [], [], [], [])
+        for name in self._PER_RESPONSE:
+            values = getattr(self, name)
+            if values:
+                setattr(out, name, [values[i] for group_rows in rows for i in group_rows])
+        out.group_ids = [k for k, group_rows in enumerate(rows) for _ in group_rows]
+        return out
+
+    @classmethod
+    def join(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """Scored batches one after the other; batch i's group ids follow those of batches < i."""
+        out, offset = cls([], [], [], [], [], []), 0
+        for b in batches:
+            for name in cls._PER_RESPONSE:
+                getattr(out, name).extend(getattr(b, name))
+            out.group_ids.extend(g + offset for g in b.group_ids)
+            offset += max(b.group_ids, default=-1) + 1
+        out.validate()
+        return out
+
     def attach_problems(self, golds: Sequence[Any], tasks: Sequence[str]) -> None:
         """Give each response its prompt's gold answer and verifier (``golds``/``tasks`` are per prompt)."""
         self.golds = [golds[g] for g in self.group_ids]

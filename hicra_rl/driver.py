@@ -19,7 +19,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 
 from hicra_rl import leftovers
 from hicra_rl.algo import hicra_step_advantages
-from hicra_rl.batch import pad_ragged
+from hicra_rl.batch import RolloutBatch, pad_ragged
 from hicra_rl.config import TrainConfig, as_plain_dict, lexicon_path, policy_loss_config
 from hicra_rl.evaluation import evaluate
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
@@ -47,8 +49,61 @@ def prompt_indices(step: int, n_items: int, per_step: int, seed: int, shuffle: b
     return out
 
 
-def rollout_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step, 17]).generate_state(1)[0] >> 1)
+def rollout_seed(seed: int, step: int, round_: int = 0) -> int:
+    """vLLM's sampling seed of a step (round k > 0: dynamic sampling's extra rounds)."""
+    key = [seed, step, 17] if round_ == 0 else [seed, step, 17, round_]
+    return int(np.random.SeedSequence(key).generate_state(1)[0] >> 1)
+
+
+def extra_prompt_indices(step: int, round_: int, n_items: int, per_step: int, seed: int,
+                         exclude: Sequence[int] = ()) -> list[int]:
+    """Prompts of dynamic sampling's extra round ``round_`` (>= 1) of ``step``: up to ``per_step`` distinct
+    items not in ``exclude`` (the step's earlier rounds), drawn with a key of (seed, step, round): a pure
+    function of the step like ``prompt_indices`` (exact resume).  An item may also be a main prompt of
+    another step."""
+    candidates = np.setdiff1d(np.arange(n_items), np.asarray(list(exclude), dtype=np.int64))
+    rng = np.random.default_rng([seed, step, round_, 29])
+    return [int(i) for i in rng.choice(candidates, size=min(per_step, len(candidates)), replace=False)]
+
+
+@dataclass
+class Produced:
+    """A step's scored rollouts and how they were made: the weights version that sampled them (syncs done
+    before), the generate/reward timings and the dynamic-sampling statistics."""
+
+    batch: RolloutBatch
+    prompts: list
+    version: int
+    times: dict[str, float]
+    stats: dict[str, float]
+
+
+class Background:
+    """``fn(step)`` in a daemon thread (a stuck Ray wait never blocks the interpreter's exit); ``result``
+    re-raises its exception in the caller."""
+
+    def __init__(self, step: int, fn):
+        import threading
+
+        self.step, self._out, self._err = step, None, None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"rollout-step-{step + 1}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._out = fn(self.step)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            self._err = err
+
+    def wait(self) -> None:
+        while self._thread.is_alive():  # short joins: Ctrl-C and SIGTERM still reach the main thread
+            self._thread.join(0.5)
+
+    def result(self):
+        self.wait()
+        if self._err is not None:
+            raise self._err
+        return self._out
 
 
 class Timer:
@@ -80,6 +135,13 @@ class Trainer:
         self.session = None
         self.nonfinite_updates = 0       # skipped updates in this process
         self.nonfinite_in_a_row = 0
+        self.weights_version = 0         # weight syncs to vLLM so far (the policy that samples next)
+        self._next: Background | None = None  # rollout.staleness 1: the next step's batch, in the making
+        self.alpha_gate = None
+        if cfg.algorithm.name == "hicra_adaptive":
+            from hicra_rl.algo.adaptive_alpha import AdaptiveAlphaGate
+
+            self.alpha_gate = AdaptiveAlphaGate(cfg.algorithm)
 
     @property
     def on_policy(self) -> bool:
@@ -182,6 +244,8 @@ class Trainer:
         if resume is not None:
             extra = self.learners.load(str(resume))
             self.start_step = int(extra["step"])
+            if self.alpha_gate is not None and "adaptive_gate" in extra:
+                self.alpha_gate.load_state_dict(extra["adaptive_gate"])
             log.info("resumed from %s at step %d", resume, self.start_step)
         self.metrics = RemoteMetrics(session.start(
             "metrics", MetricsWorker, str(self.run_dir), as_plain_dict(cfg)["logging"], as_plain_dict(cfg),
@@ -199,34 +263,97 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, timer = self.cfg, Timer()
-        a, r = cfg.algorithm, cfg.rollout
+        """One step.  ``rollout.staleness`` 0: generate, score, learn, sync in turn.  1: the step's batch was
+        produced while the previous step trained (``_produce`` in a background thread, started here for
+        the next step), so generation overlaps the update; vLLM takes the new weights once both are done."""
         t_step = time.perf_counter()
+        if self.cfg.rollout.staleness == 0:
+            produced = self._produce(step)
+            return self._learn(step, produced, t_step, before_sync=None)
+        produced = self._next.result() if self._next is not None and self._next.step == step else self._produce(step)
+        self._next = None
+        if step + 1 < self.cfg.trainer.total_steps:
+            self._next = Background(step + 1, self._produce)  # vLLM still holds the weights that sampled `step`
+        return self._learn(step, produced, t_step, before_sync=self._wait_for_next)
 
-        # 1. the step's prompts
+    def _wait_for_next(self, timer: Timer) -> None:
+        """Weights change only while vLLM is idle: wait for the overlapped generation to finish first."""
+        if self._next is not None:
+            with timer("wait_rollout"):
+                self._next.wait()
+
+    def _produce(self, step: int) -> Produced:
+        """The step's scored rollouts (generation + verifier), from the weights vLLM holds now.  With
+        ``rollout.filter_groups`` (DAPO dynamic sampling) groups whose rewards are all equal are dropped
+        and further rounds of prompts are generated until ``prompts_per_step`` informative groups."""
+        cfg, r, timer = self.cfg, self.cfg.rollout, Timer()
+        version = self.weights_version
         idx = prompt_indices(step, len(self.prompts), r.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
         prompts = [self.prompts[i] for i in idx]
+        batch = self._generate_and_score(step, prompts, rollout_seed(cfg.trainer.seed, step), timer)
+        stats: dict[str, float] = {}
+        if r.filter_groups:
+            batch, prompts, stats = self._filter_groups(step, batch, prompts, timer)
+        return Produced(batch, prompts, version, timer.times, stats)
 
-        # 2. rollout: G samples per prompt
+    def _generate_and_score(self, step: int, prompts: list, seed: int, timer: Timer):
+        r = self.cfg.rollout
         with timer("generate"):
             batch = self.fleet.generate([p.token_ids for p in prompts], r.group_size, r.temperature,
-                                        r.max_new_tokens, rollout_seed(cfg.trainer.seed, step))
+                                        r.max_new_tokens, seed)
         batch.attach_problems([p.gold_entry or p.answer for p in prompts], [p.task for p in prompts])
         if min(batch.lengths) == 0:
             raise RuntimeError(f"step {step}: vLLM returned an empty response (prompt {batch.group_ids[batch.lengths.index(0)]})")
-
-        # 3. outcome rewards
         with timer("reward"):
             batch.scores = self.fleet.score(batch)
+        return batch
+
+    def _filter_groups(self, step: int, batch, prompts: list, timer: Timer):
+        """DAPO dynamic sampling.  Round k >= 1 draws ``prompts_per_step`` prompts from
+        ``extra_prompt_indices(step, k)``, a pure function of (seed, step, round): the data position stays
+        exact across a resume.  After ``filter_groups_max_rounds`` extra rounds the step is filled up with
+        uninformative groups (advantage 0) so the learner's batch keeps its shape."""
+        cfg, r = self.cfg, self.cfg.rollout
+        want = r.prompts_per_step
+        kept, spare, seen = [], [], 0   # (batch, group, prompt) of informative / uninformative groups
+        rounds, used = 0, prompt_indices(step, len(self.prompts), want, cfg.trainer.seed, cfg.data.shuffle)
+        while True:
+            for g in range(len(prompts)):
+                rewards = {batch.scores[i].reward for i, gi in enumerate(batch.group_ids) if gi == g}
+                (kept if len(rewards) > 1 else spare).append((batch, g, prompts[g]))
+            seen += len(prompts)
+            if len(kept) >= want or rounds >= r.filter_groups_max_rounds:
+                break
+            idx = extra_prompt_indices(step, rounds + 1, len(self.prompts), want, cfg.trainer.seed, used)
+            if not idx:  # every prompt of the data set was tried in this step
+                break
+            rounds += 1
+            used = used + idx
+            prompts = [self.prompts[i] for i in idx]
+            batch = self._generate_and_score(step, prompts, rollout_seed(cfg.trainer.seed, step, rounds), timer)
+        chosen = (kept + spare)[:want]
+        out = RolloutBatch.join([b.take_groups([g]) for b, g, _ in chosen])
+        stats = {"dynamic_sampling/rounds": float(rounds),
+                 "dynamic_sampling/filtered_frac": 1.0 - len(kept) / seen,
+                 "dynamic_sampling/filled_groups": float(max(0, want - len(kept)))}
+        return out, [p for _, _, p in chosen], stats
+
+    def _learn(self, step: int, produced: Produced, t_step: float, before_sync) -> dict[str, float]:
+        cfg, timer = self.cfg, Timer()
+        a, r = cfg.algorithm, cfg.rollout
+        batch, prompts = produced.batch, produced.prompts
+        timer.times.update(produced.times)
 
         # 4. planning tokens and HICRA advantages (mask and SG occurrences from the same token ids)
+        alpha = self.alpha_gate.alpha if self.alpha_gate is not None else a.hicra_alpha
         with timer("tag_and_advantage"):
             batch.planning_masks, batch.tagged_texts, batch.sg_occurrences = self.tagger.tag_responses(
                 batch.response_ids)
             adv = hicra_step_advantages(batch.rewards, batch.group_ids, batch.planning_masks, batch.lengths,
-                                        estimator=a.advantage_estimator, alpha=a.hicra_alpha)
+                                        estimator=a.advantage_estimator, alpha=alpha)
         width = adv.token.shape[1]
         sequences = build_sequences(batch.prompt_ids, batch.response_ids, self.pad_id)
+        sampling_lp = pad_ragged(batch.sampling_logprobs, 0.0, torch.float32, width)
 
         # 5. log-probs of the policy that sampled: a separate forward only when the update is not on-policy
         #    (on-policy the ratio is 1 by construction and the update's own forward gives them)
@@ -237,28 +364,37 @@ class Trainer:
             if a.kl_coef > 0:
                 ref_lp = self.learners.ref_log_probs(sequences, width)
 
-        # 6. policy update
+        # 6. policy update (vLLM's sampling log-probs are the behaviour policy of the rollout correction)
+        update_kw = {"behaviour_log_probs": sampling_lp} if self.uses_behaviour_log_probs else {}
         with timer("update"):
-            stats, forward_lp, forward_entropy = self.learners.update(sequences, old_lp, adv.token, ref_lp)
+            stats, forward_lp, forward_entropy = self.learners.update(sequences, old_lp, adv.token, ref_lp,
+                                                                      **update_kw)
         if old_lp is None:
             old_lp, entropy = forward_lp, forward_entropy
         self._count_nonfinite(step, stats)
 
-        # 7. new weights to the rollout workers
+        # 7. new weights to the rollout workers (off-policy: once the overlapped generation is done)
+        if before_sync is not None:
+            before_sync(timer)
         with timer("sync"):
             sync = self.learners.sync_weights(self.fleet)
+        self.weights_version += 1
 
         if cfg.trainer.dump_rollouts:
             self.dump_rollouts(step + 1, batch, adv)
 
         # 8. metrics (and evaluation every eval_every steps)
         extra = {**{k: float(v) for k, v in stats.items()}, **sync,
-                 **self._batch_stats(batch, adv, old_lp, r.temperature), **timer.times}
+                 **self._batch_stats(batch, adv, old_lp, sampling_lp, self.logprobs_comparable), **timer.times,
+                 **produced.stats}
         extra["timing/step_s"] = time.perf_counter() - t_step  # the metrics call itself is in no row
         extra["perf/generate_tokens_per_s"] = sum(batch.lengths) / max(timer.times["timing/generate_s"], 1e-9)
+        extra["rollout/policy_lag"] = float(self.weights_version - 1 - produced.version)
         extra.update(getattr(self.fleet, "faults", {}))
         extra["faults/nonfinite_updates"] = float(self.nonfinite_updates)
-        extra["data/prompt_ids"] = [p.id for p in prompts]  # what this step consumed (resume leaves no gap)
+        extra["data/prompt_ids"] = [p.id for p in prompts]  # what this step trained on (resume leaves no gap)
+        if self.alpha_gate is not None:
+            extra.update(self.alpha_gate.metrics())
         if self.eval_prompts and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
             extra.update(self.run_eval(step))
         payload = dict(
@@ -267,7 +403,20 @@ class Trainer:
             response_texts=batch.tagged_texts, planning_mask=adv.planning_mask, response_mask=adv.response_mask,
             token_entropy=entropy, token_log_probs=old_lp, pass_k=r.group_size,
         )
-        return self.metrics.log_step(step + 1, payload, extra)
+        row = self.metrics.log_step(step + 1, payload, extra)
+        if self.alpha_gate is not None:
+            self.alpha_gate.update(row)  # alpha of the next step, from this step's training metrics only
+        return row
+
+    @property
+    def uses_behaviour_log_probs(self) -> bool:
+        return self.cfg.algorithm.rollout_correction != "none" or self.cfg.rollout.staleness > 0
+
+    @property
+    def logprobs_comparable(self) -> bool:
+        """vLLM's reported log-probs are of the learner's distribution (pi^(1/T), no top-p truncation)."""
+        r = self.cfg.rollout
+        return r.top_p == 1.0 and (r.logprobs_mode == "processed_logprobs" or r.temperature == 1.0)
 
     def _count_nonfinite(self, step: int, stats: dict) -> None:
         """A skipped (non-finite) update is counted; ``trainer.max_nonfinite_updates`` in a row stop the run."""
@@ -286,10 +435,9 @@ class Trainer:
             self.nonfinite_in_a_row = 0
 
     @staticmethod
-    def _batch_stats(batch, adv, old_lp: torch.Tensor, temperature: float) -> dict[str, float]:
+    def _batch_stats(batch, adv, old_lp: torch.Tensor, sampling_lp: torch.Tensor, comparable: bool) -> dict[str, float]:
         """Advantage, verifier and sampler statistics of the step."""
         planning = adv.planning_mask.float()
-        sampling_lp = pad_ragged(batch.sampling_logprobs, 0.0, torch.float32, adv.token.shape[1])
         n_valid = adv.response_mask.sum().clamp_min(1)
         return {
             "advantage/mean": float(adv.sequence.mean()),
@@ -298,9 +446,10 @@ class Trainer:
             "reward/timeouts": float(sum(s.timed_out for s in batch.scores)),
             "reward/verifier_errors": float(sum(s.error is not None for s in batch.scores)),
             "reward/answered_frac": float(np.mean([s.extracted is not None for s in batch.scores])),
-            # raw vLLM log-probs equal the learner's only at T = 1 (see hicra_rl.rollout.engine)
+            # |log pi_learner - log pi_vLLM| per token: comparable with processed log-probs (or T = 1) and top_p 1
+            # (see hicra_rl.rollout.engine); off-policy it also holds the policy lag
             "rollout/logprob_diff_vllm": float(((old_lp - sampling_lp).abs() * adv.response_mask).sum() / n_valid)
-            if temperature == 1.0 else float("nan"),
+            if comparable else float("nan"),
             "rollout/generated_tokens": float(sum(batch.lengths)),
         }
 
@@ -331,6 +480,8 @@ class Trainer:
     def save(self, step_done: int) -> str:
         extra = {"step": step_done, "data_position": step_done * self.cfg.rollout.prompts_per_step,
                  "rel_ppl": self.metrics.state_dict()}
+        if self.alpha_gate is not None:
+            extra["adaptive_gate"] = self.alpha_gate.state_dict()
         return self.learners.save(str(self.ckpt_root), step_done, extra, self.cfg.trainer.keep_last)
 
     # ------------------------------------------------------------------ loop

@@ -138,9 +138,11 @@ class LearnerGroup:
                                    "learner ranks (reference log-probs)"))
 
     def update(self, sequences: tuple[torch.Tensor, ...], old_log_probs: torch.Tensor | None,
-               advantages: torch.Tensor, ref_log_probs: torch.Tensor | None = None):
+               advantages: torch.Tensor, ref_log_probs: torch.Tensor | None = None,
+               behaviour_log_probs: torch.Tensor | None = None):
         """(stats, log-probs, entropies); ``old_log_probs`` None is the on-policy update, which returns the
-        pre-update policy's log-probs and entropies from its own forward (else those two are None)."""
+        pre-update policy's log-probs and entropies from its own forward (else those two are None).
+        ``behaviour_log_probs``: vLLM's sampling log-probs (response layout), for rollout correction."""
         ids, am, rm = sequences
         batches = []
         for s in self._shards(len(ids)):
@@ -148,6 +150,8 @@ class LearnerGroup:
                      old_log_probs=None if old_log_probs is None else old_log_probs[s])
             if ref_log_probs is not None:
                 b["ref_log_probs"] = ref_log_probs[s]
+            if behaviour_log_probs is not None:
+                b["behaviour_log_probs"] = behaviour_log_probs[s]
             batches.append(b)
         parts = self._get([w.update.remote(b) for w, b in zip(self.learners, batches)], "learner ranks (update)")
         if parts[0][1] is None:
@@ -286,7 +290,8 @@ class FleetSession:
                                max_model_len=m.max_model_len, seed=self.seed + i,
                                tensor_parallel_size=r.tensor_parallel_size,
                                gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-                               cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager, _max_concurrency=2)
+                               cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager,
+                               logprobs_mode=r.logprobs_mode, _max_concurrency=2)
                     for i in range(r.num_workers)]
         shaping = verifier_shaping(self.reward_cfg, r.max_new_tokens)
         verifiers = [self.start(f"verifier{i}", VerifierWorker, self.reward_cfg.timeout_s,

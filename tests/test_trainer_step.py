@@ -66,7 +66,7 @@ class FakeLearners:
     def ref_log_probs(self, sequences, width):
         raise AssertionError("kl_coef is 0: no reference log-probs")
 
-    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None):
+    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None):
         self.updates.append((sequences, old_log_probs, advantages))
         stats = {"actor/pg_loss": 0.0, "actor/grad_norm": 1.0}
         if old_log_probs is None:  # on-policy: the update's own forward gives the pre-update log-probs

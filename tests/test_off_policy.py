@@ -1,0 +1,205 @@
+"""The step pipeline's switches without Ray (the in-process fakes of ``test_trainer_step``): one-step
+off-policy rollout (``rollout.staleness``), DAPO dynamic sampling (``rollout.filter_groups``), the
+behaviour log-probs handed to the learner, and ``algorithm=hicra_adaptive``'s alpha in the advantages."""
+import threading
+
+import pytest
+import torch
+
+from hicra_rl.driver import extra_prompt_indices, prompt_indices
+from hicra_rl.runlog import read_metrics
+from test_trainer_step import GOOD, VOCAB, FakeFleet, FakeLearners, make_trainer
+
+
+class Recorder:
+    """One event log shared by the fake fleet and learners: what ran, and what overlapped."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.generating = threading.Event()
+        self.update_started = threading.Event()
+
+
+class OverlapFleet(FakeFleet):
+    """Generation takes a while and records itself; the second generation waits until an update has begun
+    (so with staleness 1 it provably runs while the learner trains)."""
+
+    def __init__(self, rec: Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def generate(self, prompt_ids, n, temperature, max_tokens, seed):
+        self.rec.generating.set()
+        self.rec.events.append(f"generate {len(self.generated) + 1} begins")
+        if len(self.generated) == 1 and self.rec.staleness == 1:
+            assert self.rec.update_started.wait(10), "generation of step 2 never overlapped an update"
+        out = super().generate(prompt_ids, n, temperature, max_tokens, seed)
+        self.rec.events.append(f"generate {len(self.generated)} ends")
+        self.rec.generating.clear()
+        return out
+
+
+class OverlapLearners(FakeLearners):
+    def __init__(self, rec: Recorder):
+        super().__init__()
+        self.rec, self.behaviour = rec, []
+
+    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None):
+        self.rec.events.append(f"update {len(self.updates) + 1}")
+        self.rec.update_started.set()
+        self.behaviour.append(behaviour_log_probs)
+        return super().update(sequences, old_log_probs, advantages, ref_log_probs)
+
+    def sync_weights(self, fleet):
+        assert not self.rec.generating.is_set(), "weights must not change while vLLM generates"
+        self.rec.events.append(f"sync {self.syncs + 1}")
+        return super().sync_weights(fleet)
+
+
+def _run(tmp_path, staleness: int, steps: int = 3):
+    rec = Recorder()
+    rec.staleness = staleness
+    trainer, metrics = make_trainer(tmp_path, total_steps=steps, save_every=0)
+    trainer.cfg.rollout.staleness = staleness
+    trainer.fleet, trainer.learners = OverlapFleet(rec), OverlapLearners(rec)
+    history = trainer.run()
+    metrics.close()
+    return trainer, rec, history
+
+
+def test_staleness_0_is_the_synchronous_loop(tmp_path):
+    trainer, rec, history = _run(tmp_path, 0)
+    assert rec.events == [e for s in (1, 2, 3) for e in (f"generate {s} begins", f"generate {s} ends",
+                                                         f"update {s}", f"sync {s}")]
+    assert [h["rollout/policy_lag"] for h in history] == [0.0, 0.0, 0.0]
+    # no rollout correction and on-policy: the learner gets no behaviour log-probs (today's call)
+    assert trainer.learners.behaviour == [None, None, None]
+
+
+def test_staleness_1_overlaps_generation_with_the_update_and_syncs_between(tmp_path):
+    trainer, rec, history = _run(tmp_path / "off", 1)
+    ev = rec.events
+    # step 2's generation starts before step 1's update and ends before step 1's sync; step 3's after that sync
+    assert ev.index("generate 2 begins") < ev.index("update 1") < ev.index("generate 2 ends") < ev.index("sync 1")
+    assert ev.index("sync 1") < ev.index("generate 3 begins") < ev.index("sync 2")
+    assert ev.count("sync 3") == 1 and "generate 4 begins" not in ev  # nothing generated past the last step
+    # step 1 trains on what the initial weights sampled; steps 2, 3 on samples one sync older
+    assert [h["rollout/policy_lag"] for h in history] == [0.0, 1.0, 1.0]
+    # the same prompts and advantages as the synchronous run (the fakes do not depend on the weights)
+    sync_trainer, _, _ = _run(tmp_path / "sync", 0)
+    assert trainer.fleet.generated == sync_trainer.fleet.generated
+    for (seq_a, _, adv_a), (seq_b, _, adv_b) in zip(trainer.learners.updates, sync_trainer.learners.updates):
+        assert all(torch.equal(x, y) for x, y in zip(seq_a, seq_b)) and torch.equal(adv_a, adv_b)
+    # the learner gets vLLM's sampling log-probs, response layout: -0.5 on the 8 GOOD / 1 BAD tokens
+    behaviour = trainer.learners.behaviour[1]
+    assert behaviour.shape == (4, 8)
+    assert behaviour[0].tolist() == [-0.5] * 8 and behaviour[1].tolist() == [-0.5] + [0.0] * 7
+
+
+def test_a_failed_background_generation_fails_the_step_that_needs_it(tmp_path):
+    trainer, metrics = make_trainer(tmp_path, total_steps=3, save_every=0)
+    trainer.cfg.rollout.staleness = 1
+
+    class Failing(FakeFleet):
+        def generate(self, *args):
+            if len(self.generated) == 1:
+                raise RuntimeError("rollout worker 0 died")
+            return super().generate(*args)
+
+    trainer.fleet = Failing()
+    trainer.train_step(0)
+    with pytest.raises(RuntimeError, match="rollout worker 0 died"):
+        trainer.train_step(1)
+    metrics.close()
+
+
+class MixedFleet(FakeFleet):
+    """Prompts whose last token id is in ``flat`` get GOOD for every sample (all rewards 1: no signal);
+    the others GOOD then BAD (informative)."""
+
+    def __init__(self, flat=frozenset({3, 5})):
+        super().__init__()
+        self.flat = flat
+
+    def generate(self, prompt_ids, n, temperature, max_tokens, seed):
+        batch = super().generate(prompt_ids, n, temperature, max_tokens, seed)
+        for i, g in enumerate(batch.group_ids):
+            if prompt_ids[g][-1] in self.flat:
+                batch.response_ids[i] = list(GOOD)
+                batch.sampling_logprobs[i] = [-0.5] * len(GOOD)
+                batch.response_texts[i] = b"".join(VOCAB[t] for t in GOOD).decode()
+        return batch
+
+
+def test_dynamic_sampling_keeps_informative_groups_from_extra_rounds(tmp_path):
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    r = trainer.cfg.rollout
+    r.filter_groups, r.filter_groups_max_rounds = True, 3
+    trainer.fleet = MixedFleet(flat={1, 3, 5})  # p0, p2, p4 (token ids [9, 1], [9, 3], [9, 5]): no signal
+    m = trainer.train_step(0)
+    metrics.close()
+    # by hand: the main prompts [2, 4] are both flat; round 1 draws 2 of the other three by the
+    # (seed, step, round) key: [0, 3], one informative; round 2 draws the one left, [1]: informative -> done
+    assert prompt_indices(0, 5, 2, 0, True) == [2, 4]
+    assert extra_prompt_indices(0, 1, 5, 2, 0, exclude=[2, 4]) == [0, 3]
+    assert extra_prompt_indices(0, 2, 5, 2, 0, exclude=[2, 4, 0, 3]) == [1]
+    assert trainer.fleet.generated == [[[9, 3], [9, 5]], [[9, 1], [9, 4]], [[9, 2]]]
+    assert m["data/prompt_ids"] == ["p3", "p1"]
+    assert m["dynamic_sampling/rounds"] == 2.0
+    assert m["dynamic_sampling/filtered_frac"] == pytest.approx(3 / 5)  # 3 of the 5 groups generated dropped
+    assert m["dynamic_sampling/filled_groups"] == 0.0
+    # every group the learner trains on has rewards [1, 0]: advantages +-0.5, none all-zero
+    _, _, adv = trainer.learners.updates[0]
+    assert adv.shape[0] == 4 and torch.count_nonzero(adv.abs().sum(-1)) == 4
+
+
+def test_dynamic_sampling_fills_up_with_uninformative_groups_after_the_last_round(tmp_path):
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    r = trainer.cfg.rollout
+    r.filter_groups, r.filter_groups_max_rounds = True, 2
+    trainer.fleet = MixedFleet(flat={1, 2, 3, 4, 5})  # no prompt carries signal
+    m = trainer.train_step(0)
+    metrics.close()
+    assert len(trainer.fleet.generated) == 3  # the main round and two extra rounds
+    assert m["dynamic_sampling/rounds"] == 2 and m["dynamic_sampling/filled_groups"] == 2.0
+    assert m["dynamic_sampling/filtered_frac"] == 1.0
+    # the step keeps its shape: the main round's groups, advantage 0
+    assert m["data/prompt_ids"] == [f"p{i}" for i in prompt_indices(0, 5, 2, 0, True)]
+    _, _, adv = trainer.learners.updates[0]
+    assert adv.shape[0] == 4 and torch.count_nonzero(adv) == 0
+
+
+def test_dynamic_sampling_data_position_is_a_function_of_the_step(tmp_path):
+    """A resumed run (a new trainer starting at step 2) draws exactly the prompts the straight run drew."""
+    def ids(run_dir, steps):
+        trainer, metrics = make_trainer(run_dir, total_steps=3, save_every=0)
+        trainer.cfg.rollout.filter_groups = True
+        trainer.fleet = MixedFleet()
+        out = [trainer.train_step(s)["data/prompt_ids"] for s in steps]
+        metrics.close()
+        return out, trainer.fleet.generated
+
+    straight, gen_straight = ids(tmp_path / "a", [0, 1, 2])
+    resumed, gen_resumed = ids(tmp_path / "b", [2])
+    assert straight[2] == resumed[0]
+    assert gen_straight[-len(gen_resumed):] == gen_resumed
+
+
+def test_hicra_adaptive_uses_the_gates_alpha_and_logs_it(tmp_path):
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    trainer.cfg.algorithm.name = "hicra_adaptive"
+    from hicra_rl.algo.adaptive_alpha import AdaptiveAlphaGate
+
+    trainer.alpha_gate = AdaptiveAlphaGate(trainer.cfg.algorithm)
+    m = trainer.train_step(0)
+    # warm-up: the gate is shut, alpha 0: GRPO's advantages (+-0.5 on every token of a response)
+    _, _, adv = trainer.learners.updates[0]
+    assert m["algorithm/alpha"] == 0.0 and m["algorithm/gate"] == 0.0
+    torch.testing.assert_close(adv[0, :8], torch.full((8,), 0.5))
+    # forced open (gate 1): HICRA's 0.5 + 0.2 * 0.5 = 0.6 on the 6 planning tokens
+    trainer.alpha_gate.gate = 1.0
+    m = trainer.train_step(1)
+    metrics.close()
+    _, _, adv = trainer.learners.updates[1]
+    torch.testing.assert_close(adv[0, :8], torch.tensor([0.6] * 6 + [0.5, 0.5]))
+    assert read_metrics(str(tmp_path))[1]["algorithm/alpha"] == pytest.approx(0.2)
