@@ -118,6 +118,20 @@ class RolloutConfig:
     # shm_file: a safetensors file in /dev/shm (learner rank 0 and all rollout workers on one node);
     # broadcast: a process group of learner rank 0 and every vLLM worker (NCCL on GPU, gloo on CPU)
     weight_transport: str = "shm_file"
+    # the log-prob vLLM reports for each sampled token: processed_logprobs = of the distribution sampled from
+    # (after temperature; the learner divides its logits by the same temperature, so the two agree at any T
+    # with top_p = 1), raw_logprobs = of the untempered model.  The behaviour policy of rollout correction
+    logprobs_mode: str = "processed_logprobs"
+    # one-step off-policy rollout (verl one_step_off_policy): 1 = generation (and scoring) of step t+1 runs
+    # while step t trains, with the weights of step t-1's end; new weights reach vLLM at the step boundary.
+    # 0 = the synchronous loop.  With 1, use algorithm.rollout_correction (token_tis) for the stale samples
+    staleness: int = 0
+    # DAPO dynamic sampling (verl algorithm.filter_groups): drop groups whose rewards are all equal (no
+    # signal) and generate further rounds of prompts_per_step prompts until the step has prompts_per_step
+    # informative groups, at most filter_groups_max_rounds extra rounds (then the step is filled up with
+    # uninformative groups, counted in dynamic_sampling/filled_groups)
+    filter_groups: bool = False
+    filter_groups_max_rounds: int = 3
 
 
 @dataclass
@@ -397,6 +411,15 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
     _check(r.weight_transport in ("shm_file", "broadcast"), "rollout.weight_transport",
            f"must be shm_file or broadcast, got {r.weight_transport!r}")
+    _check(r.logprobs_mode in ("processed_logprobs", "raw_logprobs"), "rollout.logprobs_mode",
+           f"must be processed_logprobs or raw_logprobs, got {r.logprobs_mode!r}")
+    _check(a.rollout_correction == "none" or r.logprobs_mode == "processed_logprobs" or r.temperature == 1.0,
+           "rollout.logprobs_mode", "raw_logprobs are of the untempered model: rollout correction at temperature "
+           f"{r.temperature} needs rollout.logprobs_mode=processed_logprobs")
+    _check(r.staleness in (0, 1), "rollout.staleness", f"must be 0 (synchronous) or 1 (one step off-policy), "
+           f"got {r.staleness}")
+    _check(r.filter_groups_max_rounds >= 0, "rollout.filter_groups_max_rounds",
+           f"must be >= 0, got {r.filter_groups_max_rounds}")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
     lex = cfg.data.lexicon if cfg.strategic.lexicon == "auto" else cfg.strategic.lexicon
     _check(lex in SHIPPED_LEXICONS or os.path.isfile(lex), "strategic.lexicon",

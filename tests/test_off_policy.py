@@ -5,10 +5,10 @@ import threading
 
 import pytest
 import torch
+from test_trainer_step import GOOD, VOCAB, FakeFleet, FakeLearners, make_trainer
 
 from hicra_rl.driver import extra_prompt_indices, prompt_indices
 from hicra_rl.runlog import read_metrics
-from test_trainer_step import GOOD, VOCAB, FakeFleet, FakeLearners, make_trainer
 
 
 class Recorder:

@@ -4,7 +4,6 @@ importance sampling against vLLM's processed log-probs, DAPO dynamic sampling an
 import math
 
 import pytest
-
 from test_e2e_train import _cfg, _rows, tiny_model  # noqa: F401 - the module fixture
 
 pytestmark = pytest.mark.slow
