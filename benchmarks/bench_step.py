@@ -4,8 +4,9 @@
 
 Runs ``hicra-train`` twice from the same cold start on the CPU default (16 prompts x 4, HICRA):
 - old path: the separate old-log-prob forward, one row per response in micro-batches of 4, SmolLM2's
-  default system prompt, vLLM's default CPU binding (``learner.old_log_prob_forward=always
-  learner.shared_prefix=false learner.micro_batch_size=4 data.system_prompt=null rollout.cpu_threads=null``);
+  default system prompt, vLLM's default CPU binding, ZeRO-2 on the one rank (``learner.old_log_prob_forward=always
+  learner.shared_prefix=false learner.micro_batch_size=4 data.system_prompt=null rollout.cpu_threads=null
+  learner.zero_stage=2``);
 - new path: the defaults (no old-log-prob forward on-policy, prompt groups packed into one row each in
   micro-batches of 16 responses, empty system prompt, vLLM on all cores).
 It prints the median step time of steps 2..N (step 1 warms up) of each and the ratio new / old, the
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 OLD = ["learner.old_log_prob_forward=always", "learner.shared_prefix=false", "learner.micro_batch_size=4",
-       "data.system_prompt=null", "rollout.cpu_threads=null"]
+       "data.system_prompt=null", "rollout.cpu_threads=null", "learner.zero_stage=2"]
 STAGES = ("generate", "reward", "tag_and_advantage", "old_log_probs", "update", "sync", "step")
 
 

@@ -29,7 +29,7 @@ EVAL_FILE_RE = re.compile(r"eval-step(\d+)\.json")
 PASS1_KEY = "eval/pass@1"
 CLUSTER_PREFIX = "strategy/cluster="
 BASELINE = "grpo"
-ALGORITHM_ORDER = ("hicra", "grpo", "entropy_reg", "dr_grpo")
+ALGORITHM_ORDER = ("hicra", "grpo", "entropy_reg", "dr_grpo", "hicra_adaptive")
 BAND_NOTE = "line = mean over seeds, band = min–max over seeds"
 PARTIAL_NOTE = "hollow circle = step logged by fewer seeds than the algorithm has (n in legend)"
 DEFAULT_BOOTSTRAP = 4000
@@ -393,7 +393,8 @@ PANELS = (
 
 
 def algorithm_colors(algorithms: list[str]) -> dict[str, str]:
-    fixed = {"hicra": "tab:red", "grpo": "tab:blue", "entropy_reg": "tab:green", "dr_grpo": "tab:orange"}
+    fixed = {"hicra": "tab:red", "grpo": "tab:blue", "entropy_reg": "tab:green", "dr_grpo": "tab:orange",
+             "hicra_adaptive": "tab:purple"}
     spare = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"] * 10)
     return {a: fixed.get(a) or next(spare) for a in algorithms}
 
