@@ -30,6 +30,7 @@ from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
 from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
+from hicra_rl.learner.micro_batches import plan_fixed_size, plan_token_budget
 from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_groups, shared_prefix_log_probs
 from hicra_rl.learner.sequences import gather_response, response_spans
 
@@ -80,6 +81,7 @@ class PolicyBatch:
     advantages: torch.Tensor          # [B, W]
     ref_log_probs: torch.Tensor | None = None  # [B, W]
     loss_mask: torch.Tensor | None = None      # [B, W]
+    behaviour_log_probs: torch.Tensor | None = None  # [B, W] vLLM's sampling log-probs (rollout correction)
 
     @classmethod
     def coerce(cls, batch: PolicyBatch | Mapping) -> PolicyBatch:
@@ -273,6 +275,18 @@ class PolicyLearner:
         width = int(lengths.max()) if width is None else width
         if int(lengths.max()) > width:
             raise ValueError(f"width {width} is shorter than the longest response ({int(lengths.max())})")
+        if self.cfg.micro_batch_tokens:  # length-sorted micro-batches under the token budget
+            order, out_lp, out_ent = [], [], []
+            for rows in self._plan_rows((starts + lengths).tolist()):
+                rows_t = torch.tensor(rows, dtype=torch.long)
+                lp, ent = self._response_log_probs(engine, input_ids[rows_t], attention_mask[rows_t], starts[rows_t],
+                                                   lengths[rows_t], width)
+                order += rows
+                out_lp.append(lp.cpu())
+                out_ent.append(ent.cpu())
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+            return torch.cat(out_lp)[inverse], torch.cat(out_ent)[inverse]
         out_lp, out_ent = [], []
         mb = self.cfg.micro_batch_size
         for s in range(0, input_ids.shape[0], mb):
@@ -344,6 +358,7 @@ class PolicyLearner:
                 out["actor/nonfinite_skipped"] = out.pop("nonfinite_skipped")
                 out["actor/n_tokens"] = out.pop("n_tokens")
                 out["perf/padding_frac"] = out.pop("padding_frac")
+                out["perf/micro_batches"] = out.pop("micro_batches")
                 forward_tokens += out.pop("forward_tokens")
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
@@ -369,11 +384,16 @@ class PolicyLearner:
                 old = mb.take(part.old_log_probs)
             loss, st = ppo_clip_loss(mb.log_probs, old, mb.take(part.advantages), mb.mask,
                                      self.loss_cfg, entropy=mb.entropy, ref_log_probs=mb.take(part.ref_log_probs),
-                                     token_normalizer=mb.token_normalizer, seq_normalizer=mb.seq_normalizer)
+                                     token_normalizer=mb.token_normalizer, seq_normalizer=mb.seq_normalizer,
+                                     behaviour_log_probs=mb.take(part.behaviour_log_probs))
             summed = {"actor/loss": float(loss.detach()), "actor/pg_loss": st["actor/pg_loss"]}
             if "actor/kl_ref" in st:
                 summed["actor/kl_ref"] = st["actor/kl_ref"]
-            return loss, summed, {k: st[k] for k in _TOKEN_WEIGHTED if k in st}
+            # token means of the micro-batch, re-weighted by its token count (rollout_corr/ratio_max: the
+            # token-weighted mean of the micro-batches' maxima)
+            means = {k: st[k] for k in _TOKEN_WEIGHTED if k in st}
+            means.update({k: v for k, v in st.items() if k.startswith("rollout_corr/")})
+            return loss, summed, means
 
         return loss_fn
 
@@ -381,11 +401,12 @@ class PolicyLearner:
                       loss_fn: LossFn, *, loss_mask: torch.Tensor | None = None,
                       width: int | None = None) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch: forward/backward over micro-batches of
-        ``micro_batch_size`` with ``loss_fn``, global normalisers, world-size scaling, accumulation,
-        gradient clipping.  Collective.
+        ``micro_batch_size`` sequences (or ``micro_batch_tokens`` padded tokens) with ``loss_fn``, global
+        normalisers, world-size scaling, accumulation, gradient clipping.  Collective.
 
         Returns the stats all-reduced over ranks: ``loss_fn``'s summed stats, its token-mean stats
-        (weighted by each micro-batch's token count), ``grad_norm`` (before clipping) and ``n_tokens``.
+        (weighted by each micro-batch's token count), ``grad_norm`` (before clipping) and ``n_tokens``;
+        and this rank's ``padding_frac``, ``forward_tokens`` and ``micro_batches`` (the same on every rank).
         """
         engine = self.engine
         self._check_same_batch_size(input_ids.shape[0])
@@ -446,32 +467,21 @@ class PolicyLearner:
         out["n_tokens"] = n_tok
         out["padding_frac"] = 1.0 - real_tokens / max(padded_tokens, 1.0)
         out["forward_tokens"] = real_tokens
+        out["micro_batches"] = float(len(plan))
         return out
 
     def _plan_micro_batches(self, input_ids, starts, lengths) -> list[tuple[torch.Tensor, PackedGroups | None]]:
         """(rows, packed) per micro-batch.  Rows are grouped by length (each micro-batch is cut to its longest
         row: less padding; the loss is a sum with global normalisers, so grouping changes only the summation
         order).  With ``shared_prefix`` a micro-batch is whole prompt groups (up to ``micro_batch_size``
-        responses, at least one group) packed into one row each, every prompt computed once."""
-        n, mb_size = input_ids.shape[0], self.cfg.micro_batch_size
+        responses, at least one group) packed into one row each, every prompt computed once.  With
+        ``micro_batch_tokens`` the micro-batches are cut by padded tokens instead (``_plan_rows``)."""
         ends = starts + lengths
         if not self.cfg.shared_prefix:
-            order = torch.argsort(ends, stable=True)
-            return [(order[s:s + mb_size], None) for s in range(0, n, mb_size)]
+            return [(torch.tensor(rows, dtype=torch.long), None) for rows in self._plan_rows(ends.tolist())]
         ids = input_ids.tolist()
         group_of = group_ids_by_prompt([row[:s] for row, s in zip(ids, starts.tolist())])
-        groups: dict[int, list[int]] = {}
-        for row, g in enumerate(group_of):
-            groups.setdefault(g, []).append(row)
-        packed_len = {g: int(starts[rows[0]]) + int(lengths[rows].sum()) for g, rows in groups.items()}
-        plan, current = [], []
-        for g in sorted(groups, key=lambda g: packed_len[g]):
-            if current and len(current) + len(groups[g]) > mb_size:
-                plan.append(current)
-                current = []
-            current = current + groups[g]
-        plan.append(current)
-        self._check_same_count(len(plan), "micro-batches (shared_prefix packs whole prompt groups)")
+        plan = self._plan_rows(ends.tolist(), starts.tolist(), group_of)
         out = []
         for rows in plan:
             rows_t = torch.tensor(rows, dtype=torch.long)
@@ -480,13 +490,39 @@ class PolicyLearner:
             out.append((rows_t, pack_groups(prompts, responses, [group_of[r] for r in rows], pad_id=0)))
         return out
 
+    def _plan_rows(self, ends: list[int], prompt_lengths: list[int] | None = None,
+                   groups: list[int] | None = None) -> list[list[int]]:
+        """Row indices per micro-batch (``hicra_rl.learner.micro_batches``): ``micro_batch_size`` sequences
+        (or prompt groups with ``groups``), or with ``micro_batch_tokens`` > 0 a padded-token budget.  Every
+        rank must run the same number of micro-batches (ZeRO's collectives): under a token budget the ranks
+        agree on the largest count and split their plans up to it; with fixed sizes the counts agree by
+        construction (the same number of rows), except for prompt groups, where a mismatch raises."""
+        budget = self.cfg.micro_batch_tokens
+        if not budget:
+            plan = plan_fixed_size(ends, self.cfg.micro_batch_size, prompt_lengths=prompt_lengths, groups=groups)
+            if groups is not None:
+                self._check_same_count(len(plan), "micro-batches (shared_prefix packs whole prompt groups)")
+            return plan
+        plan = plan_token_budget(ends, budget, prompt_lengths=prompt_lengths, groups=groups)
+        target = self._max_over_ranks(len(plan))
+        if target > len(plan):
+            plan = plan_token_budget(ends, budget, target, prompt_lengths=prompt_lengths, groups=groups)
+        return plan
+
+    def _max_over_ranks(self, n: int) -> int:
+        if self.world_size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def _check_same_count(self, n: int, what: str) -> None:
         counts = torch.tensor([n], dtype=torch.long, device=self.device)
         gathered = [torch.zeros_like(counts) for _ in range(self.world_size)]
         torch.distributed.all_gather(gathered, counts)
         if len({int(c) for c in gathered}) != 1:
             raise ValueError(f"every rank needs the same number of {what}; got {[int(c) for c in gathered]} by rank "
-                             "(give each rank whole prompt groups of equal sizes)")
+                             "(give each rank whole prompt groups of equal sizes, or set learner.micro_batch_tokens)")
 
     def broadcast_from_rank0(self, value: float) -> float:
         """Rank 0's ``value`` on every rank (collective): decisions such as "stop now" must agree."""
