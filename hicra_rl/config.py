@@ -416,6 +416,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(a.rollout_correction == "none" or r.logprobs_mode == "processed_logprobs" or r.temperature == 1.0,
            "rollout.logprobs_mode", "raw_logprobs are of the untempered model: rollout correction at temperature "
            f"{r.temperature} needs rollout.logprobs_mode=processed_logprobs")
+    _check(a.rollout_correction == "none" or r.top_p == 1.0, "rollout.top_p",
+           f"is {r.top_p}: vLLM samples from the top-p truncated distribution, which the learner does not "
+           "compute, so the importance ratios of algorithm.rollout_correction would be biased; use top_p 1")
     _check(r.staleness in (0, 1), "rollout.staleness", f"must be 0 (synchronous) or 1 (one step off-policy), "
            f"got {r.staleness}")
     _check(r.filter_groups_max_rounds >= 0, "rollout.filter_groups_max_rounds",

@@ -226,6 +226,10 @@ class Trainer:
             cluster_cfg=cl, seed=cfg.trainer.seed, extra_bundles=bundles).__enter__()
         self.fleet = session.fleet
         session.after_rollout_restart = self._after_rollout_restart
+        if cfg.rollout.staleness > 0 and cfg.algorithm.rollout_correction == "none":
+            log.warning("rollout.staleness=%d without algorithm.rollout_correction: the update treats samples of "
+                        "the previous policy as on-policy (consider algorithm.rollout_correction=token_tis)",
+                        cfg.rollout.staleness)
         threads = cl.torch_threads or max(1, (os.cpu_count() or 1) // lc.num_ranks)
         ranks = [session.start(f"learner{i}", LearnerWorker, i, lc.num_ranks, threads) for i in range(lc.num_ranks)]
         self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device)
@@ -270,7 +274,10 @@ class Trainer:
         if self.cfg.rollout.staleness == 0:
             produced = self._produce(step)
             return self._learn(step, produced, t_step, before_sync=None)
-        produced = self._next.result() if self._next is not None and self._next.step == step else self._produce(step)
+        if self._next is not None and self._next.step != step:  # not the step it was made for: let it finish
+            self._next.wait()
+            self._next = None
+        produced = self._next.result() if self._next is not None else self._produce(step)
         self._next = None
         if step + 1 < self.cfg.trainer.total_steps:
             self._next = Background(step + 1, self._produce)  # vLLM still holds the weights that sampled `step`
@@ -333,9 +340,13 @@ class Trainer:
             batch = self._generate_and_score(step, prompts, rollout_seed(cfg.trainer.seed, step, rounds), timer)
         chosen = (kept + spare)[:want]
         out = RolloutBatch.join([b.take_groups([g]) for b, g, _ in chosen])
+        every = [s.correct for b in {id(b): b for b, _, _ in kept + spare}.values() for s in b.scores]
         stats = {"dynamic_sampling/rounds": float(rounds),
                  "dynamic_sampling/filtered_frac": 1.0 - len(kept) / seen,
-                 "dynamic_sampling/filled_groups": float(max(0, want - len(kept)))}
+                 "dynamic_sampling/filled_groups": float(max(0, want - len(kept))),
+                 # the filter keeps mixed groups, so the kept batch's accuracy leans to 0.5: this is the
+                 # accuracy of everything generated (what hicra_adaptive's competence reads)
+                 "dynamic_sampling/accuracy_before_filter": float(np.mean(every)) if every else float("nan")}
         return out, [p for _, _, p in chosen], stats
 
     def _learn(self, step: int, produced: Produced, t_step: float, before_sync) -> dict[str, float]:
@@ -404,8 +415,11 @@ class Trainer:
             token_entropy=entropy, token_log_probs=old_lp, pass_k=r.group_size,
         )
         row = self.metrics.log_step(step + 1, payload, extra)
-        if self.alpha_gate is not None:
-            self.alpha_gate.update(row)  # alpha of the next step, from this step's training metrics only
+        if self.alpha_gate is not None:  # alpha of the next step, from this step's training metrics only
+            signals = dict(row)
+            if "dynamic_sampling/accuracy_before_filter" in row:
+                signals["reward/accuracy"] = row["dynamic_sampling/accuracy_before_filter"]
+            self.alpha_gate.update(signals)
         return row
 
     @property

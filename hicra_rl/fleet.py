@@ -108,11 +108,29 @@ class Fleet:
         return [r for part in parts for r in part]
 
 
+def _one_at_a_time(method):
+    """Run a ``LearnerGroup`` call under its lock (see ``LearnerGroup.__init__``)."""
+    import functools
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class LearnerGroup:
     """The DeepSpeed learner ranks: every call splits the batch's rows evenly over the ranks."""
 
     def __init__(self, learners: list, timeout_s: float, device: str = "cpu"):
+        import threading
+
         self.learners, self.timeout_s, self.device = learners, timeout_s, device
+        # one call at a time: a weight sync for a restarted rollout worker (the off-policy generation
+        # thread) must not interleave its per-rank submissions with the update's (ranks would run
+        # their collectives in different orders)
+        self.lock = threading.RLock()
 
     def _get(self, refs, what: str):
         """Bounded wait; a rank that dies fails the call at once, naming the rank (not after the
@@ -124,6 +142,7 @@ class LearnerGroup:
         per = n // len(self.learners)
         return [slice(i * per, (i + 1) * per) for i in range(len(self.learners))]
 
+    @_one_at_a_time
     def log_probs(self, sequences: tuple[torch.Tensor, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi, entropy) of the current policy per response token, [B, width]."""
         ids, am, rm = sequences
@@ -131,12 +150,14 @@ class LearnerGroup:
                            for w, s in zip(self.learners, self._shards(len(ids)))], "learner ranks (log-probs)")
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    @_one_at_a_time
     def ref_log_probs(self, sequences: tuple[torch.Tensor, ...], width: int) -> torch.Tensor:
         ids, am, rm = sequences
         return torch.cat(self._get([w.compute_ref_log_probs.remote(ids[s], am[s], rm[s], width)
                                     for w, s in zip(self.learners, self._shards(len(ids)))],
                                    "learner ranks (reference log-probs)"))
 
+    @_one_at_a_time
     def update(self, sequences: tuple[torch.Tensor, ...], old_log_probs: torch.Tensor | None,
                advantages: torch.Tensor, ref_log_probs: torch.Tensor | None = None,
                behaviour_log_probs: torch.Tensor | None = None):
@@ -158,6 +179,7 @@ class LearnerGroup:
             return parts[0][0], None, None
         return parts[0][0], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
+    @_one_at_a_time
     def open_weight_group(self, fleet: Fleet, tensor_parallel_size: int, timeout_s: float) -> None:
         """Transport ``broadcast``: one process group of learner rank 0 and every vLLM worker (NCCL on GPU,
         gloo on CPU), so rollout workers on other nodes receive the weights over the network."""
@@ -170,6 +192,7 @@ class LearnerGroup:
             for i, w in enumerate(fleet.rollouts)]
         self._get(refs, f"weight group ({world} members at {host}:{port})")
 
+    @_one_at_a_time
     def sync_weights(self, fleet: Fleet, workers: list | None = None) -> dict[str, float]:
         """Learner -> every vLLM engine of ``fleet`` (or only ``workers``); returns the ``sync/*`` metrics."""
         t0 = time.perf_counter()
@@ -202,10 +225,12 @@ class LearnerGroup:
         return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,
                 "sync/load_s": max(s["load_seconds"] for s in stats), "sync/total_s": time.perf_counter() - t0}
 
+    @_one_at_a_time
     def save(self, ckpt_root: str, step: int, extra: dict, keep_last: int) -> str:
         return self._get([w.save.remote(ckpt_root, step, extra, keep_last) for w in self.learners],
                          "learner ranks (checkpoint)")[0]
 
+    @_one_at_a_time
     def load(self, ckpt_dir: str) -> dict:
         return self._get([w.load.remote(ckpt_dir) for w in self.learners], f"learner ranks (loading {ckpt_dir})")[0]
 
@@ -332,6 +357,11 @@ class FleetSession:
         """Kill actor ``name`` (whatever state it is in) and start it again in its bundle, ready."""
         import ray
 
+        from hicra_rl.cluster import ComponentDied
+
+        if getattr(self, "closing", False):
+            raise ComponentDied(f"{name} died while the session was closing; not restarted")
+
         old = self.actors.pop(name)
         ray.kill(old, no_restart=True)
         self._clean_up_after(name)
@@ -391,8 +421,9 @@ class FleetSession:
         import ray
 
         t0 = time.perf_counter()
+        self.closing = True  # a generation still running in another thread must not restart actors now
         if self.actors:
-            refs = {a.close.remote(): name for name, a in self.actors.items()}
+            refs = {a.close.remote(): name for name, a in list(self.actors.items())}
             try:
                 done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
             except BaseException:  # interrupted again while closing: kill without waiting
@@ -404,7 +435,7 @@ class FleetSession:
                     log.warning("closing %s: %s", refs[ref], str(err).splitlines()[0] if str(err) else err)
             for ref in late:
                 log.warning("closing %s: no answer within %.0f s; killed", refs[ref], timeout_s)
-            for a in self.actors.values():
+            for a in list(self.actors.values()):
                 ray.kill(a, no_restart=True)
             for name in [n for n in self.identities if n in {refs[r] for r in late}]:
                 self._clean_up_after(name)

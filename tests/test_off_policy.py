@@ -148,6 +148,10 @@ def test_dynamic_sampling_keeps_informative_groups_from_extra_rounds(tmp_path):
     assert m["dynamic_sampling/rounds"] == 2.0
     assert m["dynamic_sampling/filtered_frac"] == pytest.approx(3 / 5)  # 3 of the 5 groups generated dropped
     assert m["dynamic_sampling/filled_groups"] == 0.0
+    # accuracy over all 10 responses generated (flat groups 2 + 2 + 2 right, mixed 1 + 1): 8 / 10, while the
+    # kept batch's own accuracy is 2 / 4
+    assert m["dynamic_sampling/accuracy_before_filter"] == pytest.approx(0.8)
+    assert m["reward/accuracy"] == pytest.approx(0.5)
     # every group the learner trains on has rewards [1, 0]: advantages +-0.5, none all-zero
     _, _, adv = trainer.learners.updates[0]
     assert adv.shape[0] == 4 and torch.count_nonzero(adv.abs().sum(-1)) == 4

@@ -352,6 +352,7 @@ class PolicyLearner:
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.mini_batches_per_step):
                 part = batch.rows(slice(m * mini, (m + 1) * mini))
+                self._ratio_max = 0.0  # rollout_corr/ratio_max: the largest over micro-batches and ranks
                 out = self.gradient_step(part.input_ids, part.attention_mask, part.response_mask,
                                          self._ppo_loss_fn(part), loss_mask=part.loss_mask, width=width)
                 out["actor/grad_norm"] = out.pop("grad_norm")
@@ -359,6 +360,8 @@ class PolicyLearner:
                 out["actor/n_tokens"] = out.pop("n_tokens")
                 out["perf/padding_frac"] = out.pop("padding_frac")
                 out["perf/micro_batches"] = out.pop("micro_batches")
+                if "rollout_corr/ratio_max" in out:
+                    out["rollout_corr/ratio_max"] = self._float_max_over_ranks(self._ratio_max)
                 forward_tokens += out.pop("forward_tokens")
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
@@ -389,10 +392,12 @@ class PolicyLearner:
             summed = {"actor/loss": float(loss.detach()), "actor/pg_loss": st["actor/pg_loss"]}
             if "actor/kl_ref" in st:
                 summed["actor/kl_ref"] = st["actor/kl_ref"]
-            # token means of the micro-batch, re-weighted by its token count (rollout_corr/ratio_max: the
-            # token-weighted mean of the micro-batches' maxima)
+            # token means of the micro-batch, re-weighted by its token count (rollout_corr/ratio_max is then
+            # replaced by the largest over micro-batches and ranks, in update)
             means = {k: st[k] for k in _TOKEN_WEIGHTED if k in st}
             means.update({k: v for k, v in st.items() if k.startswith("rollout_corr/")})
+            if "rollout_corr/ratio_max" in st:
+                self._ratio_max = max(self._ratio_max, st["rollout_corr/ratio_max"])
             return loss, summed, means
 
         return loss_fn
@@ -508,6 +513,12 @@ class PolicyLearner:
         if target > len(plan):
             plan = plan_token_budget(ends, budget, target, prompt_lengths=prompt_lengths, groups=groups)
         return plan
+
+    def _float_max_over_ranks(self, x: float) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
 
     def _max_over_ranks(self, n: int) -> int:
         if self.world_size == 1:
