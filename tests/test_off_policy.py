@@ -207,3 +207,20 @@ def test_hicra_adaptive_uses_the_gates_alpha_and_logs_it(tmp_path):
     _, _, adv = trainer.learners.updates[1]
     torch.testing.assert_close(adv[0, :8], torch.tensor([0.6] * 6 + [0.5, 0.5]))
     assert read_metrics(str(tmp_path))[1]["algorithm/alpha"] == pytest.approx(0.2)
+
+
+def test_no_restart_once_the_session_is_closing():
+    """A generation still running in the off-policy thread while the run stops must not start new actors
+    in a session that is closing: the restart fails at once, naming the actor, and nothing is touched."""
+    from hicra_rl.cluster import ComponentDied
+    from hicra_rl.config import TrainConfig
+    from hicra_rl.fleet import FleetSession
+
+    cfg = TrainConfig()
+    session = FleetSession(model_path="m", model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
+                           cluster_cfg=cfg.cluster, seed=0)
+    session.actors = {"verifier0": "the old actor"}
+    session.closing = True
+    with pytest.raises(ComponentDied, match="verifier0 died while the session was closing; not restarted"):
+        session.restart("verifier0")
+    assert session.actors == {"verifier0": "the old actor"}
