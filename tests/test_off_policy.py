@@ -1,6 +1,7 @@
 """The step pipeline's switches without Ray (the in-process fakes of ``test_trainer_step``): one-step
 off-policy rollout (``rollout.staleness``), DAPO dynamic sampling (``rollout.filter_groups``), the
 behaviour log-probs handed to the learner, and ``algorithm=hicra_adaptive``'s alpha in the advantages."""
+import json
 import threading
 
 import pytest
@@ -207,6 +208,12 @@ def test_hicra_adaptive_uses_the_gates_alpha_and_logs_it(tmp_path):
     _, _, adv = trainer.learners.updates[1]
     torch.testing.assert_close(adv[0, :8], torch.tensor([0.6] * 6 + [0.5, 0.5]))
     assert read_metrics(str(tmp_path))[1]["algorithm/alpha"] == pytest.approx(0.2)
+    # the gate's state goes into the checkpoint's extra (JSON), so a resume continues the same alpha sequence
+    trainer.save(2)
+    step, extra = trainer.learners.saves[-1]
+    restored = AdaptiveAlphaGate(trainer.cfg.algorithm)
+    restored.load_state_dict(json.loads(json.dumps(extra["adaptive_gate"])))
+    assert step == 2 and restored.state_dict() == trainer.alpha_gate.state_dict()
 
 
 def test_no_restart_once_the_session_is_closing():
