@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Copy the comparison runs' evidence (config, metrics, held-out evaluations; no checkpoints) into
-# benchmarks/results/compare_cpu/ and regenerate the report there:
-#   bash benchmarks/collect_results.sh [runs/compare_cpu]
+# benchmarks/results/compare_cpu/ (or DST) and regenerate the report there:
+#   bash benchmarks/collect_results.sh [runs/compare_cpu] [DST]
+#   bash benchmarks/collect_results.sh runs/adaptive_cpu/weak8 benchmarks/results/adaptive_cpu/weak8
 set -euo pipefail
 src=${1:-runs/compare_cpu}
-dst=benchmarks/results/compare_cpu
+dst=${2:-benchmarks/results/compare_cpu}
 mkdir -p "$dst"
 for run in "$src"/*/; do
   [ -f "$run/metrics.jsonl" ] || continue
