@@ -300,7 +300,7 @@ class Trainer:
         batch = self._generate_and_score(step, prompts, rollout_seed(cfg.trainer.seed, step), timer)
         stats: dict[str, float] = {}
         if r.filter_groups:
-            batch, prompts, stats = self._filter_groups(step, batch, prompts, timer)
+            batch, prompts, stats = self._filter_groups(step, batch, prompts, idx, timer)
         return Produced(batch, prompts, version, timer.times, stats)
 
     def _generate_and_score(self, step: int, prompts: list, seed: int, timer: Timer):
@@ -315,7 +315,7 @@ class Trainer:
             batch.scores = self.fleet.score(batch)
         return batch
 
-    def _filter_groups(self, step: int, batch, prompts: list, timer: Timer):
+    def _filter_groups(self, step: int, batch, prompts: list, idx: list[int], timer: Timer):
         """DAPO dynamic sampling.  Round k >= 1 draws ``prompts_per_step`` prompts from
         ``extra_prompt_indices(step, k)``, a pure function of (seed, step, round): the data position stays
         exact across a resume.  After ``filter_groups_max_rounds`` extra rounds the step is filled up with
@@ -323,7 +323,7 @@ class Trainer:
         cfg, r = self.cfg, self.cfg.rollout
         want = r.prompts_per_step
         kept, spare, seen = [], [], 0   # (batch, group, prompt) of informative / uninformative groups
-        rounds, used = 0, prompt_indices(step, len(self.prompts), want, cfg.trainer.seed, cfg.data.shuffle)
+        rounds, used = 0, list(idx)  # the main round's prompts; extra rounds exclude what the step used
         while True:
             for g in range(len(prompts)):
                 rewards = {batch.scores[i].reward for i, gi in enumerate(batch.group_ids) if gi == g}

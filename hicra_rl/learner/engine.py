@@ -361,7 +361,7 @@ class PolicyLearner:
                 out["perf/padding_frac"] = out.pop("padding_frac")
                 out["perf/micro_batches"] = out.pop("micro_batches")
                 if "rollout_corr/ratio_max" in out:
-                    out["rollout_corr/ratio_max"] = self._float_max_over_ranks(self._ratio_max)
+                    out["rollout_corr/ratio_max"] = self._max_over_ranks(self._ratio_max)
                 forward_tokens += out.pop("forward_tokens")
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
@@ -509,23 +509,17 @@ class PolicyLearner:
                 self._check_same_count(len(plan), "micro-batches (shared_prefix packs whole prompt groups)")
             return plan
         plan = plan_token_budget(ends, budget, prompt_lengths=prompt_lengths, groups=groups)
-        target = self._max_over_ranks(len(plan))
+        target = int(self._max_over_ranks(len(plan)))
         if target > len(plan):
             plan = plan_token_budget(ends, budget, target, prompt_lengths=prompt_lengths, groups=groups)
         return plan
 
-    def _float_max_over_ranks(self, x: float) -> float:
+    def _max_over_ranks(self, x: float) -> float:
+        """The largest ``x`` of all ranks (collective)."""
         t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
-
-    def _max_over_ranks(self, n: int) -> int:
-        if self.world_size == 1:
-            return n
-        t = torch.tensor([n], dtype=torch.long, device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
 
     def _check_same_count(self, n: int, what: str) -> None:
         counts = torch.tensor([n], dtype=torch.long, device=self.device)
