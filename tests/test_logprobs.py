@@ -62,3 +62,28 @@ def test_bf16_logits_keep_their_dtype_for_grad():
     lp, ent = logprobs_and_entropy(logits, torch.tensor([1, 2, 3, 4]), chunk_size=2)
     (lp.sum() + ent.sum()).backward()
     assert logits.grad.dtype == torch.bfloat16
+
+
+def test_auto_chunk_rows_fits_two_mib_on_cpu_and_is_1024_on_gpu():
+    from hicra_rl.algo.logprobs import auto_chunk_rows
+
+    assert auto_chunk_rows(49152, "cpu") == 10        # 2 MiB / (4 B x 49152) = 10.67
+    assert auto_chunk_rows(151936, "cpu") == 3        # Qwen's vocabulary: 3.45
+    assert auto_chunk_rows(2_000_000, "cpu") == 2     # never below 2 rows
+    assert auto_chunk_rows(49152, torch.device("cuda")) == 1024
+
+
+def test_auto_chunk_size_gives_the_same_values_and_gradient():
+    torch.manual_seed(3)
+    logits = (torch.randn(25, 300_000 // 1000) * 2).requires_grad_()   # 300-word vocabulary: 1747 rows per chunk
+    big = (torch.randn(23, 200_000) * 2).requires_grad_()               # 2 rows per chunk: 12 chunks
+    for x in (logits, big):
+        labels = torch.randint(0, x.shape[-1], (x.shape[0],))
+        lp, ent = logprobs_and_entropy(x, labels)                       # auto
+        (lp.sum() + ent.sum()).backward()
+        got = x.grad.clone()
+        x.grad = None
+        ref_lp, ref_ent = _naive(x, labels)
+        assert torch.allclose(lp.double(), ref_lp, atol=1e-4) and torch.allclose(ent.double(), ref_ent, atol=1e-4)
+        (ref_lp.sum() + ref_ent.sum()).backward()
+        assert torch.allclose(got, x.grad, atol=1e-5)

@@ -174,3 +174,40 @@ def test_bf16_mask_no_nans(tiny_llama):
     with torch.no_grad():
         ref = to_layout(direct_log_probs(model, prompts, responses)[0], 8)
     torch.testing.assert_close(lp.detach(), ref, atol=0.3, rtol=0.05)
+
+
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_logits_only_at_selects_hidden_states_before_the_head(tiny_llama, zero_rows):
+    """The forward under ``logits_only_at`` returns the full forward's logits at the chosen (row, position)
+    pairs, [N, V], and the gradient of a loss on them equals the gradient through the full logits."""
+    from hicra_rl.learner.sequences import logits_only_at
+
+    model = load(tiny_llama, "sdpa")
+    ids = torch.randint(1, 49152, (3, 9), generator=torch.Generator().manual_seed(0))
+    rows, cols = torch.tensor([0, 0, 2, 1, 2]), torch.tensor([0, 3, 4, 2, 1])  # cols within the kept 5 positions
+    if zero_rows:
+        rows, cols = rows[:0], cols[:0]
+    w = torch.randn(len(rows), 49152, generator=torch.Generator().manual_seed(1))
+    full = model(input_ids=ids, logits_to_keep=5).logits
+    (full[rows, cols] * w).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with logits_only_at(model, rows, cols):
+        sel = model(input_ids=ids, logits_to_keep=5).logits
+    assert sel.shape == (len(rows), 49152)
+    assert torch.allclose(sel, full[rows, cols].detach(), atol=1e-5)
+    if len(rows):
+        (sel * w).sum().backward()
+        for n, p in model.named_parameters():
+            scale = float(want[n].abs().max())   # the tied embedding's gradient reaches ~500 here
+            assert float((p.grad - want[n]).abs().max()) <= 1e-5 * scale, n
+    # the hook is gone afterwards
+    assert model(input_ids=ids, logits_to_keep=5).logits.shape == (3, 5, 49152)
+
+
+def test_logits_only_at_needs_an_output_head():
+    from hicra_rl.learner.sequences import logits_only_at
+
+    with pytest.raises(ValueError, match="Linear has no output embedding"):
+        with logits_only_at(torch.nn.Linear(2, 2), torch.tensor([0]), torch.tensor([0])):
+            pass

@@ -32,7 +32,7 @@ from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
 from hicra_rl.learner.micro_batches import plan_fixed_size, plan_token_budget
 from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_groups, shared_prefix_log_probs
-from hicra_rl.learner.sequences import gather_response, response_spans
+from hicra_rl.learner.sequences import logits_only_at, response_spans, response_token_index
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -259,15 +259,18 @@ class PolicyLearner:
         first = int(starts.min())
         ids = input_ids[:, :end].to(self.device)
         am = attention_mask[:, :end].to(self.device)
-        # logits at positions first-1 .. end-2 predict the tokens at first .. end-1
-        logits = module(input_ids=ids, attention_mask=am, use_cache=False,
-                        logits_to_keep=end - first + 1).logits[:, :-1]
+        # the logit at position p predicts the token at p + 1; the head sees positions first-1 .. end-1
+        starts, lengths = starts.to(self.device), lengths.to(self.device)
+        rows, j = response_token_index(starts, lengths)
+        pos = starts[rows] + j
+        with logits_only_at(module, rows, pos - first):
+            logits = module(input_ids=ids, attention_mask=am, use_cache=False, logits_to_keep=end - first + 1).logits
         if self.logits_temperature != 1.0:
             logits = logits / self.logits_temperature
-        logp, ent = logprobs_and_entropy(logits, ids[:, first:end], self.cfg.logprob_chunk_size)
-        starts, lengths = starts.to(self.device), lengths.to(self.device)
-        return (gather_response(logp, starts, lengths, width, offset=first),
-                gather_response(ent, starts, lengths, width, offset=first))
+        logp, ent = logprobs_and_entropy(logits, ids[rows, pos], self.cfg.logprob_chunk_size)
+        out_lp = torch.zeros((ids.shape[0], width), dtype=logp.dtype, device=self.device).index_put((rows, j), logp)
+        out_ent = torch.zeros((ids.shape[0], width), dtype=ent.dtype, device=self.device).index_put((rows, j), ent)
+        return out_lp, out_ent
 
     @torch.no_grad()
     def _log_probs_with(self, engine, input_ids, attention_mask, response_mask, width):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from hicra_rl.algo.logprobs import logprobs_and_entropy
+from hicra_rl.learner.sequences import logits_only_at
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -268,7 +269,7 @@ def check_attention_implementation(model) -> None:
 
 
 def shared_prefix_log_probs(
-    model, packed: PackedGroups, width: int, temperature: float = 1.0, chunk_size: int = 1024
+    model, packed: PackedGroups, width: int, temperature: float = 1.0, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi, entropy) of every response token, [B, width] in the response layout and input order.
 
@@ -287,14 +288,11 @@ def shared_prefix_log_probs(
     mask = packed.additive_mask(_compute_dtype(model), device)
     valid = packed.response_valid()
     first = int(packed.logit_index[valid].min())
-    out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                use_cache=False, logits_to_keep=packed.input_ids.shape[1] - first)
-    logits = out.logits
-    del out
-    # only the (row, column) pairs that predict a real response token: [N, V]
+    # logits only at the (row, column) pairs that predict a real response token: [N, V]
     resp, col = valid.nonzero(as_tuple=True)
-    sel = logits[packed.row_index[resp], packed.logit_index[resp, col] - first]
-    del logits
+    with logits_only_at(model, packed.row_index[resp], packed.logit_index[resp, col] - first):
+        sel = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                    use_cache=False, logits_to_keep=packed.input_ids.shape[1] - first).logits
     if temperature != 1.0:
         sel = sel / temperature
     logp, ent = logprobs_and_entropy(sel, packed.targets[resp, col], chunk_size)

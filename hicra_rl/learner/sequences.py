@@ -12,6 +12,8 @@ longest response, and columns past a row's response length are padding.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -71,3 +73,34 @@ def gather_response(values: torch.Tensor, starts: torch.Tensor, lengths: torch.T
     index = (starts[:, None] - offset + cols).clamp(0, values.shape[1] - 1)
     out = values.gather(1, index)
     return out * (cols < lengths[:, None]).to(out.dtype)
+
+
+def response_token_index(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, j) of every response token, row-major: token j of row ``row`` is at position ``starts[row] + j``."""
+    width = int(lengths.max()) if lengths.numel() else 0
+    cols = torch.arange(width, device=lengths.device)[None, :]
+    return (cols < lengths[:, None]).nonzero(as_tuple=True)
+
+
+@contextmanager
+def logits_only_at(model, rows: torch.Tensor, cols: torch.Tensor):
+    """While active, ``model``'s forward returns logits only at the pairs ``(rows[i], cols[i])`` of the
+    positions its output head sees (after ``logits_to_keep``): [N, vocab] instead of [B, T, vocab].
+
+    A forward pre-hook on the output embedding (``lm_head``) selects the hidden states before the vocabulary
+    projection, so padding and prompt positions cost no logits, no log-softmax and no [B, T, vocab] gather
+    and scatter in the backward.  Works through a DeepSpeed engine (``.module``) and any ZeRO stage: the
+    hook changes the head's input only, DeepSpeed's own hooks still gather its weight."""
+    inner = model if hasattr(model, "get_output_embeddings") else getattr(model, "module", None)
+    head = inner.get_output_embeddings() if inner is not None else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings) to select at")
+
+    def select(module, args):
+        return (args[0][rows, cols], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
