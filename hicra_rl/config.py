@@ -172,6 +172,10 @@ class LearnerConfig:
     # one packed row per prompt group (the prompt computed once, not G times; block attention mask,
     # Prefix Grouper): same log-probs and gradients as separate rows (tested), fewer tokens
     shared_prefix: bool = False
+    # the packed rows' attention: grouped (two SDPA calls per layer, the prompt's and each response's against
+    # [prompt | itself], no [L x L] mask; llama / qwen2 / qwen3 / mistral) | masked (the model's own attention
+    # with the [L x L] block mask). Same values and gradients (tested); grouped computes fewer scores
+    shared_prefix_attention: str = "grouped"
     # > 0: micro-batches by padded tokens instead of micro_batch_size sequences (verl use_dynamic_bsz):
     # length-sorted rows (with shared_prefix: packed prompt groups) are added while rows x longest row
     # <= micro_batch_tokens; a row longer than the budget runs alone. Same loss and gradients (global
@@ -201,6 +205,8 @@ def check_learner_config(l: LearnerConfig, prefix: str = "learner") -> None:
     _check(l.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {l.warmup_steps}")
     _check(l.micro_batch_tokens >= 0, f"{prefix}.micro_batch_tokens",
            f"must be >= 0 (padded tokens per micro-batch; 0: micro_batch_size sequences), got {l.micro_batch_tokens}")
+    _check(l.shared_prefix_attention in ("grouped", "masked"), f"{prefix}.shared_prefix_attention",
+           f"must be grouped or masked, got {l.shared_prefix_attention!r}")
     _check(l.old_log_prob_forward in ("auto", "always"), f"{prefix}.old_log_prob_forward",
            f"must be auto or always, got {l.old_log_prob_forward!r}")
 

@@ -21,10 +21,16 @@ NEG = torch.finfo(torch.float32).min
 
 
 def load(path: str, attn: str):
+    """``attn``: sdpa | eager (the [L x L] block mask) | grouped (``grouped_attention``, no mask)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
-    assert model.config._attn_implementation == attn
+    from hicra_rl.learner.grouped_attention import GROUPED_ATTENTION, enable_grouped_attention
+
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa" if attn == "grouped" else attn,
+                                             dtype=torch.float32)
+    if attn == "grouped":
+        enable_grouped_attention(model)
+    assert model.config._attn_implementation == (GROUPED_ATTENTION if attn == "grouped" else attn)
     return model
 
 
@@ -102,7 +108,7 @@ def test_pack_rows_groups_by_prompt():
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "grouped"])
 def test_matches_unshared_forward_and_gradients(tiny_llama, attn):
     torch.manual_seed(0)
     model = load(tiny_llama, attn)

@@ -30,6 +30,7 @@ from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
 from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
+from hicra_rl.learner.grouped_attention import enable_grouped_attention
 from hicra_rl.learner.micro_batches import plan_fixed_size, plan_token_budget
 from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_groups, shared_prefix_log_probs
 from hicra_rl.learner.sequences import logits_only_at, response_spans, response_token_index
@@ -184,6 +185,8 @@ class PolicyLearner:
         model.config.use_cache = False
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.shared_prefix and cfg.shared_prefix_attention == "grouped":
+            enable_grouped_attention(model)   # packed rows without an [L x L] mask; sdpa for everything else
         self.tied_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
 
         optimizer = self._torch_optimizer(model) if cfg.optimizer == "torch_adamw" else None

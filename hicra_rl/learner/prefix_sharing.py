@@ -28,9 +28,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from hicra_rl.algo.logprobs import logprobs_and_entropy
+from hicra_rl.learner.grouped_attention import GROUPED_ATTENTION, grouped_layout, uses_grouped_attention
 from hicra_rl.learner.sequences import logits_only_at
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", GROUPED_ATTENTION)
 
 
 @dataclass
@@ -41,9 +42,12 @@ class PackedGroups:
 
     input_ids        [n_groups, L]        prompt once, then the group's responses, right-padded with pad_id
     position_ids     [n_groups, L]        prompt 0..P-1; each response P..P+len-1; padding 0
-    attention_mask   [n_groups, 1, L, L]  additive float32: 0 where a query (dim 2) may see a key (dim 3),
-                                          ``finfo(float32).min`` elsewhere; a padding column sees only itself
-                                          (so no softmax row is empty) and no real token sees padding
+    segment          [n_groups, L]        0 prompt, m + 1 the row's m-th response, -(column + 1) padding
+    attention_mask   [n_groups, 1, L, L]  (a property, built on demand from ``segment``: O(L^2), the grouped
+                                          attention never builds it) additive float32: 0 where a query (dim 2)
+                                          may see a key (dim 3), ``finfo(float32).min`` elsewhere; a padding
+                                          column sees only itself (so no softmax row is empty) and no real
+                                          token sees padding
     row_index        [B]                  packed row of response i
     token_index      [B, W]               column of response i's j-th token (0 past its length)
     logit_index      [B, W]               column whose logit predicts that token: token_index - 1, except
@@ -55,7 +59,7 @@ class PackedGroups:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    segment: torch.Tensor
     row_index: torch.Tensor
     token_index: torch.Tensor
     logit_index: torch.Tensor
@@ -117,15 +121,24 @@ class PackedGroups:
         return PackedGroups(**kw)
 
     def allowed(self) -> torch.Tensor:
-        """[n_groups, L, L] bool: query (dim 1) may attend to key (dim 2)."""
-        return self.attention_mask[:, 0] == 0
+        """[n_groups, L, L] bool: query (dim 1) may attend to key (dim 2): causal, and a query sees keys of
+        its own segment, or the prompt when it is a response token."""
+        length = self.segment.shape[1]
+        seg_q, seg_k = self.segment[:, :, None], self.segment[:, None, :]
+        causal = torch.ones((length, length), dtype=torch.bool, device=self.segment.device).tril_()
+        return causal & ((seg_q == seg_k) | ((seg_k == 0) & (seg_q > 0)))
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.additive_mask(torch.float32)
 
     def additive_mask(self, dtype: torch.dtype, device=None) -> torch.Tensor:
         """The 4D mask in ``dtype`` (the model's compute dtype): 0 / ``finfo(dtype).min``."""
-        mask = self.attention_mask.to(device) if device is not None else self.attention_mask
-        if mask.dtype == dtype:
-            return mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask != 0, torch.finfo(dtype).min)
+        allowed = self.allowed()
+        if device is not None:
+            allowed = allowed.to(device)
+        mask = torch.zeros((allowed.shape[0], 1, *allowed.shape[1:]), dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
     def response_valid(self, width: int | None = None) -> torch.Tensor:
         """[B, width] bool (width defaults to W): column j < response length."""
@@ -202,16 +215,10 @@ def pack_groups(
             targets[i, : len(r)] = resp
             s = e
 
-    # causal, and a query sees keys of its own segment, or the prompt when it is a response token
-    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones((length, length), dtype=torch.bool).tril_()
-    allowed = causal & ((seg_q == seg_k) | ((seg_k == 0) & (seg_q > 0)))
-    mask = torch.zeros((n, 1, length, length), dtype=torch.float32)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
     return PackedGroups(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=mask,
+        segment=segment,
         row_index=row_index,
         token_index=token_index,
         logit_index=logit_index,
@@ -263,7 +270,7 @@ def check_attention_implementation(model) -> None:
     impl = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
     if impl is not None and impl not in SUPPORTED_ATTENTION:
         raise ValueError(
-            f"shared-prefix forward needs attn_implementation in {SUPPORTED_ATTENTION} (a custom 4D mask), "
+            f"shared-prefix forward needs attn_implementation in {SUPPORTED_ATTENTION} (a custom 4D mask, or the prefix-grouped one), "
             f"the model uses {impl!r}"
         )
 
@@ -285,14 +292,20 @@ def shared_prefix_log_probs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_attention_implementation(model)
     device = packed.input_ids.device
-    mask = packed.additive_mask(_compute_dtype(model), device)
+    dtype = _compute_dtype(model)
+    if uses_grouped_attention(_hf_config(model)):
+        # the layout replaces the [L x L] mask; a 4D placeholder keeps transformers from building its own
+        extra = {"prefix_groups": grouped_layout(packed, dtype),
+                 "attention_mask": torch.zeros((packed.n_groups, 1, 1, 1), dtype=dtype, device=device)}
+    else:
+        extra = {"attention_mask": packed.additive_mask(dtype, device)}
     valid = packed.response_valid()
     first = int(packed.logit_index[valid].min())
     # logits only at the (row, column) pairs that predict a real response token: [N, V]
     resp, col = valid.nonzero(as_tuple=True)
     with logits_only_at(model, packed.row_index[resp], packed.logit_index[resp, col] - first):
-        sel = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                    use_cache=False, logits_to_keep=packed.input_ids.shape[1] - first).logits
+        sel = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                    logits_to_keep=packed.input_ids.shape[1] - first, **extra).logits
     if temperature != 1.0:
         sel = sel / temperature
     logp, ent = logprobs_and_entropy(sel, packed.targets[resp, col], chunk_size)
