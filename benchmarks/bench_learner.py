@@ -1,0 +1,133 @@
+"""The learner's GFLOP/s against the GEMMs of the model's own shapes, interleaved in one process.
+
+    python benchmarks/bench_learner.py [--rounds 5] [--cold-start DIR]
+
+On a shared 2-core VM a GEMM's speed drifts by +-15 % from one minute to the next, so a reference measured
+once, minutes away from the update, says little. Here each round runs
+1. one HICRA update of the DeepSpeed learner (the CPU default's layout: 16 prompt groups of 4 responses,
+   30-38-token prompts, 30-45-token responses, packed groups, micro-batches of 16 responses), then
+2. the reference: every matrix multiply that update runs, at its shapes (per micro-batch: q, k, v, o,
+   gate, up, down for each of the layers at the micro-batch's packed positions, and the vocabulary
+   projection at its response tokens; forward, input-gradient and weight-gradient GEMMs), each once,
+   back to back, on random fp32 matrices: the time the update would take if it were nothing but GEMMs.
+
+The learner's rate counts useful FLOPs only (6 x weights per real token, the vocabulary projection at
+response tokens; no attention, no padding); the reference's rate is its GEMM FLOPs over its time. It prints
+both per round and the median of the ratio, and, for comparison with ``bench_step.py``, a single
+[1024 x hidden] x [hidden x intermediate] GEMM (best of 10) measured in the same round.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+
+def default_batch(seed: int):
+    from hicra_rl.learner.sequences import build_sequences
+
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for _ in range(16):
+        p = torch.randint(10, 40000, (int(30 + 9 * float(torch.rand(1, generator=g))),), generator=g).tolist()
+        for _ in range(4):
+            n = int(30 + 16 * float(torch.rand(1, generator=g)))
+            prompts.append(p)
+            responses.append(torch.randint(10, 40000, (n,), generator=g).tolist())
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    width = max(len(r) for r in responses)
+    return {"input_ids": ids, "attention_mask": am, "response_mask": rm,
+            "advantages": torch.randn(len(ids), width, generator=g) * 0.1, "old_log_probs": None}
+
+
+def gemm_shapes(cfg, positions: int, response_tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matrix multiply of one micro-batch's forward + backward."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q_out, kv_out = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    linears = [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h), (h, inter), (h, inter), (inter, h)]
+    shapes = []
+    for fan_in, fan_out in linears:   # Y = X W^T: forward, dX = dY W, dW = dY^T X
+        shapes += [(positions, fan_in, fan_out), (positions, fan_out, fan_in), (fan_out, positions, fan_in)]
+    shapes = shapes * cfg.num_hidden_layers
+    v = cfg.vocab_size
+    shapes += [(response_tokens, h, v), (response_tokens, v, h), (v, response_tokens, h)]
+    return shapes
+
+
+def run_gemms(shapes: list[tuple[int, int, int]], mats: dict) -> float:
+    seconds = 0.0
+    for m, k, n in shapes:
+        if (m, k, n) not in mats:
+            mats[(m, k, n)] = (torch.randn(m, k), torch.randn(k, n))
+            mats[(m, k, n)][0] @ mats[(m, k, n)][1]   # warm-up, not timed
+        a, b = mats[(m, k, n)]
+        t0 = time.perf_counter()
+        a @ b
+        seconds += time.perf_counter() - t0
+    return seconds
+
+
+def single_gemm(h: int, inter: int) -> float:
+    a, b = torch.randn(1024, h), torch.randn(h, inter)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(10))
+    return 2 * 1024 * h * inter / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--port", type=int, default=29617)
+    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
+    args = parser.parse_args()
+    from transformers import AutoConfig
+
+    from hicra_rl.config import LearnerConfig
+    from hicra_rl.learner.engine import PolicyLearner
+    from hicra_rl.learner.sequences import response_spans
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = AutoConfig.from_pretrained(args.cold_start)
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=3e-6, micro_batch_size=16, shared_prefix=True),
+                            model_path=args.cold_start, master_port=args.port)
+    head = cfg.vocab_size * cfg.hidden_size
+    body = sum(p.numel() for n, p in learner.engine.module.named_parameters()
+               if p.dim() == 2 and "embed" not in n and "lm_head" not in n)
+    learner.update(default_batch(0))   # warm-up
+    mats: dict = {}
+    ratios = []
+    print(f"{cfg.num_hidden_layers} layers, {body / 1e6:.1f}M matrix weights + {head / 1e6:.1f}M vocabulary "
+          f"projection; {torch.get_num_threads()} threads")
+    for r in range(args.rounds):
+        batch = default_batch(r + 1)
+        starts, lengths = response_spans(batch["response_mask"], batch["attention_mask"])
+        plan = learner._plan_micro_batches(batch["input_ids"], starts, lengths)
+        t0 = time.perf_counter()
+        stats = learner.update(batch)
+        update_s = time.perf_counter() - t0
+        real = stats["perf/forward_tokens_per_s"] * stats["perf/update_s"]
+        useful = 6 * (body * real + head * stats["actor/n_tokens"])
+        shapes = [s for rows, packed in plan for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
+        gemm_s = run_gemms(shapes, mats)
+        gemm_flops = sum(2 * m * k * n for m, k, n in shapes)
+        learner_rate, ref_rate = useful / update_s / 1e9, gemm_flops / gemm_s / 1e9
+        ratios.append(learner_rate / ref_rate)
+        print(f"round {r + 1}: update {update_s:5.1f} s, {learner_rate:4.0f} GFLOP/s | its GEMMs alone {gemm_s:5.1f} s, "
+              f"{ref_rate:4.0f} GFLOP/s | ratio {100 * ratios[-1]:3.0f} % | single 1024-row GEMM "
+              f"{single_gemm(cfg.hidden_size, cfg.intermediate_size):4.0f} GFLOP/s", flush=True)
+    print(f"learner / GEMMs of the model's shapes: median {100 * statistics.median(ratios):.0f} % "
+          f"(min {100 * min(ratios):.0f}, max {100 * max(ratios):.0f}) over {len(ratios)} rounds")
+
+
+if __name__ == "__main__":
+    main()
