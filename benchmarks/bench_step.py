@@ -11,7 +11,8 @@ Runs ``hicra-train`` twice from the same cold start on the CPU default (16 promp
   micro-batches of 16 responses, empty system prompt, vLLM on all cores).
 It prints the median step time of steps 2..N (step 1 warms up) of each and the ratio new / old, the
 stage breakdown, and the in-run generation rate.  Then, in the same process: a fp32 GEMM of the model's
-MLP shapes (GFLOP/s) against the learner's update rate estimated from its token count (6 x params per
+MLP shapes (GFLOP/s; best of 10) and every GEMM of one default update at its own shapes, back to back
+(``bench_learner.py``), against the learner's update rate estimated from its token count (6 x params per
 token for forward + backward), and standalone vLLM and HF ``generate`` tokens/s on the step's kind of
 prompts (64 = 16 x 4, T = 1, 48 new tokens) against the in-run rate.
 """
@@ -61,6 +62,31 @@ def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * tokens * hidden * inter / best / 1e9
+
+
+def model_shapes_gflops(cfg) -> float:
+    """GFLOP/s of every GEMM of one update of the CPU default's layout at its shapes (``bench_learner``),
+    run back to back; median of 3 passes."""
+    from bench_learner import default_batch, gemm_shapes, run_gemms
+
+    from hicra_rl.learner.micro_batches import plan_fixed_size
+    from hicra_rl.learner.prefix_sharing import group_ids_by_prompt, pack_groups
+    from hicra_rl.learner.sequences import response_spans
+
+    batch = default_batch(1)
+    starts, lengths = response_spans(batch["response_mask"], batch["attention_mask"])
+    ids = batch["input_ids"].tolist()
+    prompts = [row[:s] for row, s in zip(ids, starts.tolist())]
+    groups = group_ids_by_prompt(prompts)
+    ends = (starts + lengths).tolist()
+    shapes = []
+    for rows in plan_fixed_size(ends, 16, prompt_lengths=starts.tolist(), groups=groups):
+        packed = pack_groups([prompts[r] for r in rows], [ids[r][int(starts[r]):ends[r]] for r in rows],
+                             [groups[r] for r in rows], pad_id=0)
+        shapes += gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    mats: dict = {}
+    return flops / statistics.median(run_gemms(shapes, mats) for _ in range(3)) / 1e9
 
 
 def standalone_generation(model_path: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
@@ -117,15 +143,19 @@ def main() -> None:
     body = 134.5e6 - head                                    # SmolLM2-135M: 134.5M parameters in all
     gemm = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, os.cpu_count() or 1)
     print(f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s")
+    shapes_rate = model_shapes_gflops(cfg)
+    print(f"fp32 GEMMs of the model's shapes (every matrix multiply of one default update, back to back): "
+          f"{shapes_rate:.0f} GFLOP/s")
     for name in ("old", "new"):
         r = rows[name][1:] or rows[name]
         update_s = statistics.median(x["perf/update_s"] for x in r)
         fwd_tokens = statistics.median(x["perf/forward_tokens_per_s"] * x["perf/update_s"] for x in r)
         resp_tokens = statistics.median(x["actor/n_tokens"] for x in r)
         flops = 6 * (body * fwd_tokens + head * resp_tokens)  # forward + backward (2 + 4 FLOPs per weight)
+        rate = flops / update_s / 1e9
         print(f"learner update ({name}): {fwd_tokens:.0f} forward tokens, {resp_tokens:.0f} response tokens in "
-              f"{update_s:.1f} s ~ {flops / update_s / 1e9:.0f} GFLOP/s = {100 * flops / update_s / 1e9 / gemm:.0f} % "
-              "of the GEMM")
+              f"{update_s:.1f} s ~ {rate:.0f} GFLOP/s = {100 * rate / gemm:.0f} % of the 1024-row GEMM, "
+              f"{100 * rate / shapes_rate:.0f} % of the model's shapes")
     in_run = median_after_warmup(rows["new"], "perf/generate_tokens_per_s")
     in_run_old = median_after_warmup(rows["old"], "perf/generate_tokens_per_s")
     print(f"in-run generation: new {in_run:.0f} tokens/s, old {in_run_old:.0f} tokens/s")
