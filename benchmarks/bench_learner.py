@@ -71,25 +71,13 @@ def run_gemms(shapes: list[tuple[int, int, int]], mats: dict) -> float:
     return seconds
 
 
-def single_gemm(h: int, inter: int) -> float:
-    a, b = torch.randn(1024, h), torch.randn(h, inter)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(10))
-    return 2 * 1024 * h * inter / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=29617)
     parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
     args = parser.parse_args()
+    from bench_step import gemm_gflops
     from transformers import AutoConfig
 
     from hicra_rl.config import LearnerConfig
@@ -124,7 +112,7 @@ def main() -> None:
         ratios.append(learner_rate / ref_rate)
         print(f"round {r + 1}: update {update_s:5.1f} s, {learner_rate:4.0f} GFLOP/s | its GEMMs alone {gemm_s:5.1f} s, "
               f"{ref_rate:4.0f} GFLOP/s | ratio {100 * ratios[-1]:3.0f} % | single 1024-row GEMM "
-              f"{single_gemm(cfg.hidden_size, cfg.intermediate_size):4.0f} GFLOP/s", flush=True)
+              f"{gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, torch.get_num_threads()):4.0f} GFLOP/s", flush=True)
     print(f"learner / GEMMs of the model's shapes: median {100 * statistics.median(ratios):.0f} % "
           f"(min {100 * min(ratios):.0f}, max {100 * max(ratios):.0f}) over {len(ratios)} rounds")
 

@@ -70,7 +70,7 @@ def model_shapes_gflops(cfg) -> float:
     from bench_learner import default_batch, gemm_shapes, run_gemms
 
     from hicra_rl.learner.micro_batches import plan_fixed_size
-    from hicra_rl.learner.prefix_sharing import group_ids_by_prompt, pack_groups
+    from hicra_rl.learner.prefix_sharing import group_ids_by_prompt, pack_plan
     from hicra_rl.learner.sequences import response_spans
 
     batch = default_batch(1)
@@ -79,11 +79,9 @@ def model_shapes_gflops(cfg) -> float:
     prompts = [row[:s] for row, s in zip(ids, starts.tolist())]
     groups = group_ids_by_prompt(prompts)
     ends = (starts + lengths).tolist()
-    shapes = []
-    for rows in plan_fixed_size(ends, 16, prompt_lengths=starts.tolist(), groups=groups):
-        packed = pack_groups([prompts[r] for r in rows], [ids[r][int(starts[r]):ends[r]] for r in rows],
-                             [groups[r] for r in rows], pad_id=0)
-        shapes += gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))
+    plan = plan_fixed_size(ends, 16, prompt_lengths=starts.tolist(), groups=groups)
+    shapes = [s for rows, packed in pack_plan(ids, starts.tolist(), ends, plan, groups)
+              for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
     flops = sum(2 * m * k * n for m, k, n in shapes)
     mats: dict = {}
     return flops / statistics.median(run_gemms(shapes, mats) for _ in range(3)) / 1e9

@@ -2,8 +2,9 @@
 
     python benchmarks/profile_learner.py [--zero-stage 0] [--cold-start DIR]
 
-The DeepSpeed learner alone (no Ray, no vLLM), world size 1, the CPU default's layout (16 prompt groups of
-4 responses, ~34-token prompts, 30-45-token responses, packed groups, micro-batches of 16). After one
+The DeepSpeed learner alone (no Ray, no vLLM), world size 1, the CPU default's layout (``bench_learner``'s
+batch: 16 prompt groups of 4 responses, 30-38-token prompts, 30-45-token responses, packed groups,
+micro-batches of 16). After one
 warm-up update it profiles a second one and prints the top operators by self time, then the matrix
 multiplies: their total FLOPs, seconds and GFLOP/s, and the same for each distinct shape. Compare the
 matmul rate with the GEMM figure of ``benchmarks/bench_step.py`` (same machine): what is left of the
@@ -24,27 +25,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=29611)
     parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
     args = parser.parse_args()
+    from bench_learner import default_batch
     from torch.profiler import ProfilerActivity, profile
 
     from hicra_rl.config import LearnerConfig
     from hicra_rl.learner.engine import PolicyLearner
-    from hicra_rl.learner.sequences import build_sequences
 
     torch.set_num_threads(os.cpu_count() or 1)
     learner = PolicyLearner(LearnerConfig(zero_stage=args.zero_stage, lr=3e-6, micro_batch_size=16, shared_prefix=True),
                             model_path=args.cold_start, master_port=args.port)
-    g = torch.Generator().manual_seed(0)
-    prompts, responses = [], []
-    for _ in range(16):
-        p = torch.randint(10, 40000, (34,), generator=g).tolist()
-        for _ in range(4):
-            n = int(30 + 15 * float(torch.rand(1, generator=g)))
-            prompts.append(p)
-            responses.append(torch.randint(10, 40000, (n,), generator=g).tolist())
-    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
-    width = max(len(r) for r in responses)
-    batch = {"input_ids": ids, "attention_mask": am, "response_mask": rm,
-             "advantages": torch.randn(len(ids), width, generator=g) * 0.1, "old_log_probs": None}
+    batch = default_batch(0)
     learner.update(batch)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         t0 = time.perf_counter()

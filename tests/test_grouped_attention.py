@@ -62,7 +62,7 @@ def test_values_and_gradients_equal_the_masked_attention(kv_heads):
     assert int(real.sum()) == packed.n_tokens and lay.destination.unique().numel() == packed.n_tokens
     w = torch.randn(b, t, 4, 8, generator=g, dtype=torch.float64) * real[:, :, None, None]
 
-    got = prefix_grouped_attention(q, k, v, lay.to("cpu"), scale=0.3)
+    got = prefix_grouped_attention(q, k, v, lay, scale=0.3)
     rep = 4 // kv_heads
     mask = packed.additive_mask(torch.float64)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),

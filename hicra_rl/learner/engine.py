@@ -32,8 +32,8 @@ from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
 from hicra_rl.learner.grouped_attention import enable_grouped_attention
 from hicra_rl.learner.micro_batches import plan_fixed_size, plan_token_budget
-from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_groups, shared_prefix_log_probs
-from hicra_rl.learner.sequences import logits_only_at, response_spans, response_token_index
+from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_plan, shared_prefix_log_probs
+from hicra_rl.learner.sequences import logits_only_at, response_spans, response_token_index, scatter_response
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -264,16 +264,15 @@ class PolicyLearner:
         am = attention_mask[:, :end].to(self.device)
         # the logit at position p predicts the token at p + 1; the head sees positions first-1 .. end-1
         starts, lengths = starts.to(self.device), lengths.to(self.device)
-        rows, j = response_token_index(starts, lengths)
+        rows, j = response_token_index(lengths)
         pos = starts[rows] + j
         with logits_only_at(module, rows, pos - first):
             logits = module(input_ids=ids, attention_mask=am, use_cache=False, logits_to_keep=end - first + 1).logits
         if self.logits_temperature != 1.0:
             logits = logits / self.logits_temperature
         logp, ent = logprobs_and_entropy(logits, ids[rows, pos], self.cfg.logprob_chunk_size)
-        out_lp = torch.zeros((ids.shape[0], width), dtype=logp.dtype, device=self.device).index_put((rows, j), logp)
-        out_ent = torch.zeros((ids.shape[0], width), dtype=ent.dtype, device=self.device).index_put((rows, j), ent)
-        return out_lp, out_ent
+        b = ids.shape[0]
+        return scatter_response(logp, rows, j, b, width), scatter_response(ent, rows, j, b, width)
 
     @torch.no_grad()
     def _log_probs_with(self, engine, input_ids, attention_mask, response_mask, width):
@@ -493,13 +492,7 @@ class PolicyLearner:
         ids = input_ids.tolist()
         group_of = group_ids_by_prompt([row[:s] for row, s in zip(ids, starts.tolist())])
         plan = self._plan_rows(ends.tolist(), starts.tolist(), group_of)
-        out = []
-        for rows in plan:
-            rows_t = torch.tensor(rows, dtype=torch.long)
-            prompts = [ids[r][:int(starts[r])] for r in rows]
-            responses = [ids[r][int(starts[r]):int(ends[r])] for r in rows]
-            out.append((rows_t, pack_groups(prompts, responses, [group_of[r] for r in rows], pad_id=0)))
-        return out
+        return pack_plan(ids, starts.tolist(), ends.tolist(), plan, group_of)
 
     def _plan_rows(self, ends: list[int], prompt_lengths: list[int] | None = None,
                    groups: list[int] | None = None) -> list[list[int]]:

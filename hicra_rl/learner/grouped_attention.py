@@ -21,7 +21,7 @@ so ``enable_grouped_attention`` accepts only the architectures listed in ``GROUP
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,6 @@ class GroupedLayout:
     prompt_source: torch.Tensor   # rows of the flattened prompt output [n_rows * P_max] that are real prompt tokens
     response_source: torch.Tensor  # rows of the flattened response output [n * R_max] that are real tokens
     destination: torch.Tensor     # flat packed column of each prompt_source row, then of each response_source row
-
-    def to(self, device) -> GroupedLayout:
-        return GroupedLayout(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-                                for f in fields(self)})
 
 
 def grouped_layout(packed, dtype: torch.dtype = torch.float32) -> GroupedLayout:
@@ -83,15 +79,12 @@ def grouped_layout(packed, dtype: torch.dtype = torch.float32) -> GroupedLayout:
                          prompt_source=prompt_source, response_source=response_source, destination=destination)
 
 
-def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    b, h, t, d = x.shape
-    return x if n_rep == 1 else x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
-
-
 def prefix_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: GroupedLayout,
                              scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Attention of packed rows, [B, T, H, D] (transformers' attention output layout), from
     query [B, H, T, D] and key / value [B, KV, T, D] (grouped-query attention when KV < H)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     b, h, t, d = query.shape
     kv = key.shape[1]
     if (b, t) != (layout.n_rows, layout.length):
@@ -102,7 +95,7 @@ def prefix_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     rep = 1 if gqa else h // kv
     kw = {"enable_gqa": True} if gqa and kv != h else {}
     out_prompt = F.scaled_dot_product_attention(
-        query[:, :, :p], _repeat_heads(key[:, :, :p], rep), _repeat_heads(value[:, :, :p], rep),
+        query[:, :, :p], repeat_kv(key[:, :, :p], rep), repeat_kv(value[:, :, :p], rep),
         is_causal=True, dropout_p=dropout, scale=scale, **kw)
     k_flat = key.transpose(1, 2).reshape(b * t, kv, d)
     v_flat = value.transpose(1, 2).reshape(b * t, kv, d)
@@ -110,7 +103,7 @@ def prefix_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     k_resp = k_flat.index_select(0, layout.kv_index).view(n, p + r, kv, d).transpose(1, 2)
     v_resp = v_flat.index_select(0, layout.kv_index).view(n, p + r, kv, d).transpose(1, 2)
     out_resp = F.scaled_dot_product_attention(
-        q_resp, _repeat_heads(k_resp, rep), _repeat_heads(v_resp, rep),
+        q_resp, repeat_kv(k_resp, rep), repeat_kv(v_resp, rep),
         attn_mask=layout.mask.to(query.dtype), dropout_p=dropout, scale=scale, **kw)
     source = torch.cat([out_prompt.transpose(1, 2).reshape(b * p, h, d).index_select(0, layout.prompt_source),
                         out_resp.transpose(1, 2).reshape(n * r, h, d).index_select(0, layout.response_source)])

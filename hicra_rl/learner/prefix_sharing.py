@@ -29,7 +29,7 @@ import torch
 
 from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.learner.grouped_attention import GROUPED_ATTENTION, grouped_layout, uses_grouped_attention
-from hicra_rl.learner.sequences import logits_only_at
+from hicra_rl.learner.sequences import logits_only_at, response_token_index, scatter_response
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", GROUPED_ATTENTION)
 
@@ -231,6 +231,18 @@ def pack_groups(
     )
 
 
+def pack_plan(ids: list[list[int]], starts: list[int], ends: list[int], plan: list[list[int]],
+              group_of: list[int]) -> list[tuple[torch.Tensor, PackedGroups]]:
+    """(rows, packed) per micro-batch of ``plan``: row r of ``ids`` (prompt ``[:starts[r]]``, response
+    ``[starts[r]:ends[r]]``) packed by its group ``group_of[r]``."""
+    out = []
+    for rows in plan:
+        packed = pack_groups([ids[r][:starts[r]] for r in rows], [ids[r][starts[r]:ends[r]] for r in rows],
+                             [group_of[r] for r in rows], pad_id=0)
+        out.append((torch.tensor(rows, dtype=torch.long), packed))
+    return out
+
+
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
               group_ids: list[int] | None = None, pad_id: int = 0) -> PackedGroups:
     """``pack_groups`` from the learner's row layout (``sequences.build_sequences``).
@@ -299,10 +311,9 @@ def shared_prefix_log_probs(
                  "attention_mask": torch.zeros((packed.n_groups, 1, 1, 1), dtype=dtype, device=device)}
     else:
         extra = {"attention_mask": packed.additive_mask(dtype, device)}
-    valid = packed.response_valid()
-    first = int(packed.logit_index[valid].min())
     # logits only at the (row, column) pairs that predict a real response token: [N, V]
-    resp, col = valid.nonzero(as_tuple=True)
+    resp, col = response_token_index(packed.response_lengths)
+    first = int(packed.logit_index[resp, col].min())
     with logits_only_at(model, packed.row_index[resp], packed.logit_index[resp, col] - first):
         sel = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                     logits_to_keep=packed.input_ids.shape[1] - first, **extra).logits
@@ -310,6 +321,4 @@ def shared_prefix_log_probs(
         sel = sel / temperature
     logp, ent = logprobs_and_entropy(sel, packed.targets[resp, col], chunk_size)
     b = packed.n_responses
-    out_lp = torch.zeros((b, width), dtype=logp.dtype, device=device).index_put((resp, col), logp)
-    out_ent = torch.zeros((b, width), dtype=ent.dtype, device=device).index_put((resp, col), ent)
-    return out_lp, out_ent
+    return scatter_response(logp, resp, col, b, width), scatter_response(ent, resp, col, b, width)

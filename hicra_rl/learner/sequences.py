@@ -75,11 +75,18 @@ def gather_response(values: torch.Tensor, starts: torch.Tensor, lengths: torch.T
     return out * (cols < lengths[:, None]).to(out.dtype)
 
 
-def response_token_index(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, j) of every response token, row-major: token j of row ``row`` is at position ``starts[row] + j``."""
+def response_token_index(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, j) of every response token, row-major: j < ``lengths[row]``."""
     width = int(lengths.max()) if lengths.numel() else 0
     cols = torch.arange(width, device=lengths.device)[None, :]
     return (cols < lengths[:, None]).nonzero(as_tuple=True)
+
+
+def scatter_response(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, width: int):
+    """Per-token ``values`` [N] at (``rows``, ``cols``) into the response layout [n_rows, width], zero elsewhere
+    (differentiable w.r.t. ``values``)."""
+    out = torch.zeros((n_rows, width), dtype=values.dtype, device=values.device)
+    return out.index_put((rows, cols), values)
 
 
 @contextmanager
