@@ -186,6 +186,27 @@ def test_zero_advantages_give_zero_loss_and_no_update(tiny_llama, port):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("stage, expected_all_reduces", [(0, 0), (1, 2)])
+def test_one_rank_without_zero_skips_the_identity_all_reduce(tiny_llama, port, stage, expected_all_reduces):
+    """One rank at ZeRO-0: DeepSpeed's gradient all-reduce (a flatten, a no-op reduce and a copy back) is
+    skipped, and the optimizer still steps; ZeRO-1 needs its reduce to fill its partitions and keeps it (one
+    call per micro-batch's backward: 2 here);
+    ``test_update_equals_full_batch_reference`` checks the stage-0 update's values."""
+    learner = PolicyLearner(LearnerConfig(zero_stage=stage, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
+                            master_port=port)
+    calls = []
+    reduce = learner.engine.allreduce_gradients
+    learner.engine.allreduce_gradients = lambda *a, **k: (calls.append(1), reduce(*a, **k))[1]
+    prompts, responses = random_rows(4, [2, 4, 3, 5], [5, 3, 4, 2])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    lp, _ = learner.compute_log_probs(ids, am, rm)
+    before = learner.full_state_dict()["model.layers.0.mlp.up_proj.weight"]
+    learner.update({"input_ids": ids, "attention_mask": am, "response_mask": rm, "old_log_probs": lp,
+                    "advantages": torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))})
+    assert len(calls) == expected_all_reduces
+    assert not torch.equal(learner.full_state_dict()["model.layers.0.mlp.up_proj.weight"], before)
+
+
 def test_reference_model_stays_frozen_and_kl_grows(tiny_llama, port):
     learner = PolicyLearner(LearnerConfig(zero_stage=3, lr=1e-2, micro_batch_size=2, mini_batches_per_step=2),
                             model_path=tiny_llama, loss=PolicyLossConfig(kl_coef=0.5), master_port=port)

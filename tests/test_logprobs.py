@@ -57,11 +57,17 @@ def test_gradient_of_one_output_alone_matches_autograd():
         assert torch.allclose(got, logits.grad, atol=1e-6), which
 
 
-def test_bf16_logits_keep_their_dtype_for_grad():
+def test_bf16_logits_keep_their_dtype_for_grad_and_get_the_fp32_gradient_rounded():
+    torch.manual_seed(3)
     logits = torch.randn(4, 16).to(torch.bfloat16).requires_grad_()
-    lp, ent = logprobs_and_entropy(logits, torch.tensor([1, 2, 3, 4]), chunk_size=2)
+    labels = torch.tensor([1, 2, 3, 4])
+    lp, ent = logprobs_and_entropy(logits, labels, chunk_size=3)
     (lp.sum() + ent.sum()).backward()
     assert logits.grad.dtype == torch.bfloat16
+    ref = logits.detach().double().requires_grad_()
+    ref_lp, ref_ent = _naive(ref, labels)
+    (ref_lp.sum() + ref_ent.sum()).backward()
+    assert torch.allclose(logits.grad.double(), ref.grad, rtol=1e-2, atol=1e-3)
 
 
 def test_auto_chunk_rows_fits_two_mib_on_cpu_and_is_1024_on_gpu():
