@@ -16,7 +16,6 @@ the accumulation steps): the applied gradient is exactly the full-batch gradient
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import random
