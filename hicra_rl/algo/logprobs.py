@@ -10,8 +10,8 @@ The chunk size matters for speed on a CPU: each chunk goes through a few element
 fused log-softmax, an exp and a dot product; backward: a subtraction, an exp and a product, written in
 place into the gradient), and a chunk that fits the core's L2 cache (``auto_chunk_rows``: ~2 MiB) runs them
 from cache instead of memory.
-``benchmarks/bench_logprobs.py`` measures it: 3x faster forward + backward than 1024-row chunks for
-SmolLM2's 49k vocabulary on the 2-core machine.
+``benchmarks/bench_logprobs.py`` measures it: forward + backward in 0.55x the time of 1024-row chunks
+for SmolLM2's 49k vocabulary on the 2-core machine (111 against 201 ms for 600 tokens).
 """
 from __future__ import annotations
 
