@@ -25,6 +25,19 @@ import time
 
 import torch
 
+DEFAULT_COLD_START = os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2")
+
+
+def default_learner(cold_start: str, port: int, zero_stage: int = 0):
+    """The DeepSpeed learner alone (no Ray, no vLLM), world size 1, as the CPU default runs it (packed prompt
+    groups, micro-batches of 16 responses), on every core."""
+    from hicra_rl.config import LearnerConfig
+    from hicra_rl.learner.engine import PolicyLearner
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return PolicyLearner(LearnerConfig(zero_stage=zero_stage, lr=3e-6, micro_batch_size=16, shared_prefix=True),
+                         model_path=cold_start, master_port=port)
+
 
 def default_batch(seed: int):
     from hicra_rl.learner.sequences import build_sequences
@@ -75,19 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=29617)
-    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
+    parser.add_argument("--cold-start", default=DEFAULT_COLD_START)
     args = parser.parse_args()
     from bench_step import gemm_gflops
     from transformers import AutoConfig
 
-    from hicra_rl.config import LearnerConfig
-    from hicra_rl.learner.engine import PolicyLearner
     from hicra_rl.learner.sequences import response_spans
 
-    torch.set_num_threads(os.cpu_count() or 1)
     cfg = AutoConfig.from_pretrained(args.cold_start)
-    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=3e-6, micro_batch_size=16, shared_prefix=True),
-                            model_path=args.cold_start, master_port=args.port)
+    learner = default_learner(args.cold_start, args.port)
     head = cfg.vocab_size * cfg.hidden_size
     body = sum(p.numel() for n, p in learner.engine.module.named_parameters()
                if p.dim() == 2 and "embed" not in n and "lm_head" not in n)

@@ -13,27 +13,20 @@ update time is attention, element-wise work, the log-softmax over the vocabulary
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-import torch
+from bench_learner import DEFAULT_COLD_START, default_batch, default_learner
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--port", type=int, default=29611)
-    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
+    parser.add_argument("--cold-start", default=DEFAULT_COLD_START)
     args = parser.parse_args()
-    from bench_learner import default_batch
     from torch.profiler import ProfilerActivity, profile
 
-    from hicra_rl.config import LearnerConfig
-    from hicra_rl.learner.engine import PolicyLearner
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    learner = PolicyLearner(LearnerConfig(zero_stage=args.zero_stage, lr=3e-6, micro_batch_size=16, shared_prefix=True),
-                            model_path=args.cold_start, master_port=args.port)
+    learner = default_learner(args.cold_start, args.port, args.zero_stage)
     batch = default_batch(0)
     learner.update(batch)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:

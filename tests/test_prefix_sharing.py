@@ -6,6 +6,7 @@ import pytest
 import torch
 from learner_fixtures import direct_log_probs, random_rows, to_layout
 
+from hicra_rl.batch import response_layout_mask
 from hicra_rl.learner.prefix_sharing import (
     check_attention_implementation,
     group_ids_by_prompt,
@@ -134,7 +135,7 @@ def test_matches_unshared_forward_and_gradients(tiny_llama, attn):
 
     torch.testing.assert_close(lp, ref_lp.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, ref_ent.detach(), atol=1e-5, rtol=1e-5)
-    valid = packed.response_valid(width)
+    valid = response_layout_mask(packed.response_lengths, width).bool()
     assert (lp[~valid] == 0).all() and (ent[~valid] == 0).all()
     for k, p in model.named_parameters():
         torch.testing.assert_close(shared_grads[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)

@@ -140,11 +140,6 @@ class PackedGroups:
         mask = torch.zeros((allowed.shape[0], 1, *allowed.shape[1:]), dtype=dtype, device=allowed.device)
         return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
-    def response_valid(self, width: int | None = None) -> torch.Tensor:
-        """[B, width] bool (width defaults to W): column j < response length."""
-        w = self.token_index.shape[1] if width is None else width
-        return torch.arange(w, device=self.response_lengths.device)[None, :] < self.response_lengths[:, None]
-
 
 def group_ids_by_prompt(prompt_ids: list[list[int]]) -> list[int]:
     """Group id per row: rows with identical prompts share one (numbered in order of first appearance)."""
