@@ -13,7 +13,7 @@ It prints the median step time of steps 2..N (step 1 warms up) of each and the r
 stage breakdown, and the in-run generation rate.  Then, in the same process: a fp32 GEMM of the model's
 MLP shapes (GFLOP/s; best of 10) and every GEMM of one default update at its own shapes, back to back
 (``bench_learner.py``), against the learner's update rate estimated from its token count (6 x params per
-token for forward + backward), and standalone vLLM and HF ``generate`` tokens/s on the step's kind of
+token for forward + backward) with the share of the cores the learner process got (``perf/update_cpu_util``), and standalone vLLM and HF ``generate`` tokens/s on the step's kind of
 prompts (64 = 16 x 4, T = 1, 48 new tokens) against the in-run rate.
 """
 from __future__ import annotations
@@ -151,9 +151,11 @@ def main() -> None:
         resp_tokens = statistics.median(x["actor/n_tokens"] for x in r)
         flops = 6 * (body * fwd_tokens + head * resp_tokens)  # forward + backward (2 + 4 FLOPs per weight)
         rate = flops / update_s / 1e9
+        util = statistics.median(x.get("perf/update_cpu_util", float("nan")) for x in r)
         print(f"learner update ({name}): {fwd_tokens:.0f} forward tokens, {resp_tokens:.0f} response tokens in "
               f"{update_s:.1f} s ~ {rate:.0f} GFLOP/s = {100 * rate / gemm:.0f} % of the 1024-row GEMM, "
-              f"{100 * rate / shapes_rate:.0f} % of the model's shapes")
+              f"{100 * rate / shapes_rate:.0f} % of the model's shapes; the learner had {100 * util:.0f} % of "
+              f"its threads' CPU time (perf/update_cpu_util)")
     in_run = median_after_warmup(rows["new"], "perf/generate_tokens_per_s")
     in_run_old = median_after_warmup(rows["old"], "perf/generate_tokens_per_s")
     print(f"in-run generation: new {in_run:.0f} tokens/s, old {in_run_old:.0f} tokens/s")

@@ -207,6 +207,35 @@ def test_one_rank_without_zero_skips_the_identity_all_reduce(tiny_llama, port, s
     assert not torch.equal(learner.full_state_dict()["model.layers.0.mlp.up_proj.weight"], before)
 
 
+def test_update_reports_its_share_of_the_cores(tiny_llama, port, monkeypatch):
+    """perf/update_cpu_util = the process's CPU seconds / (wall seconds x torch threads): with clocks that
+    advance 4 s of wall time and 6 s of CPU time on 2 threads it is 6 / (4 x 2) = 0.75; on real clocks,
+    one thread, it lies in (0, 1] plus what the process's other threads take."""
+    import types
+
+    from hicra_rl.learner import engine
+
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
+                            master_port=port)
+    prompts, responses = random_rows(2, [2, 4], [5, 3])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    batch = {"input_ids": ids, "attention_mask": am, "response_mask": rm, "old_log_probs": None,
+             "advantages": torch.ones(2, 5)}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        real = learner.update(batch)
+        torch.set_num_threads(2)
+        clocks = types.SimpleNamespace(perf_counter=iter([10.0, 14.0]).__next__,
+                                       process_time=iter([1.0, 7.0]).__next__)
+        monkeypatch.setattr(engine, "time", clocks)
+        fake = learner.update(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert fake["perf/update_s"] == 4.0 and fake["perf/update_cpu_util"] == 0.75
+    assert 0.0 < real["perf/update_cpu_util"] <= 1.5   # other threads of the process (gloo) may add a little
+
+
 def test_reference_model_stays_frozen_and_kl_grows(tiny_llama, port):
     learner = PolicyLearner(LearnerConfig(zero_stage=3, lr=1e-2, micro_batch_size=2, mini_batches_per_step=2),
                             model_path=tiny_llama, loss=PolicyLossConfig(kl_coef=0.5), master_port=port)

@@ -355,7 +355,7 @@ class PolicyLearner:
 
         mini = b // cfg.mini_batches_per_step
         self.step_stats = []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         tokens = forward_tokens = 0.0
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.mini_batches_per_step):
@@ -373,7 +373,7 @@ class PolicyLearner:
                 forward_tokens += out.pop("forward_tokens")
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
         stats = {k: float(np.mean([s[k] for s in self.step_stats])) for k in self.step_stats[0]}
         stats["actor/lr"] = float(self.lr_scheduler.get_last_lr()[0])
         stats["actor/num_steps"] = float(len(self.step_stats))
@@ -381,6 +381,9 @@ class PolicyLearner:
         stats["perf/tokens_per_s"] = self._all_reduce_sum([tokens])[0] / max(elapsed, 1e-9)
         # tokens the forward passes actually computed (a shared prompt counts once), rank 0
         stats["perf/forward_tokens_per_s"] = forward_tokens / max(elapsed, 1e-9)
+        # CPU seconds of this process over (wall seconds x torch threads), rank 0: on a CPU learner, below ~0.98
+        # means other processes took its cores during the update (on a GPU learner it is the host's share)
+        stats["perf/update_cpu_util"] = cpu_s / max(elapsed * torch.get_num_threads(), 1e-9)
         return stats
 
     def _ppo_loss_fn(self, part: PolicyBatch) -> LossFn:
