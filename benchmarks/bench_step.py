@@ -10,11 +10,13 @@ Runs ``hicra-train`` twice from the same cold start on the CPU default (16 promp
 - new path: the defaults (no old-log-prob forward on-policy, prompt groups packed into one row each in
   micro-batches of 16 responses, empty system prompt, vLLM on all cores).
 It prints the median step time of steps 2..N (step 1 warms up) of each and the ratio new / old, the
-stage breakdown, and the in-run generation rate.  Then, in the same process: a fp32 GEMM of the model's
-MLP shapes (GFLOP/s; best of 10) and every GEMM of one default update at its own shapes, back to back
-(``bench_learner.py``), against the learner's update rate estimated from its token count (6 x params per
-token for forward + backward) with the share of the cores the learner process got (``perf/update_cpu_util``), and standalone vLLM and HF ``generate`` tokens/s on the step's kind of
-prompts (64 = 16 x 4, T = 1, 48 new tokens) against the in-run rate.
+stage breakdown, and the in-run generation rate.  In the same process, before, between and after the two
+runs (the medians of the three, as the VM drifts): a fp32 GEMM of the model's MLP shapes (GFLOP/s; best of
+10) and every GEMM of one default update at its own shapes, back to back (``bench_learner.py``), against
+the learner's update rate estimated from its token count (6 x params per token for forward + backward),
+with the share of the cores the learner process got (``perf/update_cpu_util``); and standalone vLLM and HF
+``generate`` tokens/s on the step's kind of prompts (64 = 16 x 4, T = 1, 48 new tokens) against the
+in-run rate.
 """
 from __future__ import annotations
 
@@ -64,9 +66,9 @@ def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
     return 2 * tokens * hidden * inter / best / 1e9
 
 
-def model_shapes_gflops(cfg) -> float:
+def model_shapes_gflops(cfg, passes: int = 1) -> float:
     """GFLOP/s of every GEMM of one update of the CPU default's layout at its shapes (``bench_learner``),
-    run back to back; median of 3 passes."""
+    run back to back; median of ``passes`` passes."""
     from bench_learner import default_batch, gemm_shapes, run_gemms
 
     from hicra_rl.learner.micro_batches import plan_fixed_size
@@ -84,7 +86,7 @@ def model_shapes_gflops(cfg) -> float:
               for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
     flops = sum(2 * m * k * n for m, k, n in shapes)
     mats: dict = {}
-    return flops / statistics.median(run_gemms(shapes, mats) for _ in range(3)) / 1e9
+    return flops / statistics.median(run_gemms(shapes, mats) for _ in range(passes)) / 1e9
 
 
 def standalone_generation(model_path: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
@@ -125,7 +127,24 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-    rows = {"old": run_train("old", OLD, args), "new": run_train("new", [], args)}
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(args.cold_start)
+    # the GEMM references drift +-15 % from minute to minute on a shared VM: measure them before, between and
+    # after the two runs and take the medians
+    refs = []
+
+    def measure_references(when: str) -> None:
+        single = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, os.cpu_count() or 1)
+        refs.append((single, model_shapes_gflops(cfg)))
+        print(f"references {when}: single GEMM {refs[-1][0]:.0f} GFLOP/s, the model's shapes {refs[-1][1]:.0f} "
+              "GFLOP/s", flush=True)
+
+    measure_references("before the runs")
+    rows = {"old": run_train("old", OLD, args)}
+    measure_references("between the runs")
+    rows["new"] = run_train("new", [], args)
+    measure_references("after the runs")
     print(f"\nmedian seconds per step (steps 2..{args.steps}; 16 prompts x 4, HICRA, from the cold start)")
     print(f"  {'stage':<20}{'old':>9}{'new':>9}")
     for stage in STAGES:
@@ -134,16 +153,13 @@ def main() -> None:
     ratio = median_after_warmup(rows["new"], "timing/step_s") / median_after_warmup(rows["old"], "timing/step_s")
     print(f"  step time new / old = {ratio:.2f}")
 
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(args.cold_start)
     head = cfg.vocab_size * cfg.hidden_size                 # lm_head (tied): logits only at response positions
     body = 134.5e6 - head                                    # SmolLM2-135M: 134.5M parameters in all
-    gemm = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, os.cpu_count() or 1)
-    print(f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s")
-    shapes_rate = model_shapes_gflops(cfg)
+    gemm, shapes_rate = (statistics.median(r[i] for r in refs) for i in (0, 1))
+    print(f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s "
+          f"(median of before/between/after: {', '.join(f'{r[0]:.0f}' for r in refs)})")
     print(f"fp32 GEMMs of the model's shapes (every matrix multiply of one default update, back to back): "
-          f"{shapes_rate:.0f} GFLOP/s")
+          f"{shapes_rate:.0f} GFLOP/s (median of {', '.join(f'{r[1]:.0f}' for r in refs)})")
     for name in ("old", "new"):
         r = rows[name][1:] or rows[name]
         update_s = statistics.median(x["perf/update_s"] for x in r)
