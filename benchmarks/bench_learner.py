@@ -1,11 +1,14 @@
 """The learner's GFLOP/s against the GEMMs of the model's own shapes, interleaved in one process.
 
-    python benchmarks/bench_learner.py [--rounds 5] [--cold-start DIR]
+    python benchmarks/bench_learner.py [--rounds 5] [--cold-start DIR] [--rollouts DIR | --synthetic]
 
 On a shared 2-core VM a GEMM's speed drifts by +-15 % from one minute to the next, so a reference measured
 once, minutes away from the update, says little. Here each round runs
-1. one HICRA update of the DeepSpeed learner (the CPU default's layout: 16 prompt groups of 4 responses,
-   30-38-token prompts, 30-45-token responses, packed groups, micro-batches of 16 responses), then
+1. one HICRA update of the DeepSpeed learner on a real batch of the CPU default (16 prompt groups of 4
+   responses, packed groups, micro-batches of 16 responses): the prompts, responses and token advantages a
+   default run dumped (``trainer.dump_rollouts=true``; committed under ``benchmarks/data/rollouts-cpu-default``,
+   one step per round in turn). ``--synthetic`` uses random tokens of the same layout instead (30-38-token
+   prompts, 30-45-token responses: even lengths, so less padding than real responses), then
 2. the reference: every matrix multiply that update runs, at its shapes (per micro-batch: q, k, v, o,
    gate, up, down for each of the layers at the micro-batch's packed positions, and the vocabulary
    projection at its response tokens; forward, input-gradient and weight-gradient GEMMs), each once,
@@ -26,6 +29,7 @@ import time
 import torch
 
 DEFAULT_COLD_START = os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2")
+DEFAULT_ROLLOUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "rollouts-cpu-default")
 
 
 def default_learner(cold_start: str, port: int, zero_stage: int = 0):
@@ -54,6 +58,41 @@ def default_batch(seed: int):
     width = max(len(r) for r in responses)
     return {"input_ids": ids, "attention_mask": am, "response_mask": rm,
             "advantages": torch.randn(len(ids), width, generator=g) * 0.1, "old_log_probs": None}
+
+
+def rollout_batches(folder: str, pad_id: int) -> list[dict]:
+    """The learner's batch of each step a run dumped (``<run_dir>/rollouts/step-N.jsonl``), built as the
+    driver builds it: [prompt | response] rows, token advantages in the response layout, on-policy."""
+    import json
+    from pathlib import Path
+
+    from hicra_rl.learner.sequences import build_sequences
+
+    files = sorted(Path(folder).glob("step-*.jsonl"), key=lambda f: int(f.stem.split("-")[1]))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no step-N.jsonl (write them with hicra-train trainer.dump_rollouts=true)")
+    batches = []
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        for i, r in enumerate(rows):
+            for key in ("prompt_ids", "response_ids", "token_advantages"):
+                if key not in r:
+                    raise ValueError(f"{f}: row {i + 1} has no field {key!r} (dumped by an older hicra-train?)")
+        ids, am, rm = build_sequences([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], pad_id)
+        adv = torch.zeros(len(rows), max(len(r["response_ids"]) for r in rows))
+        for i, r in enumerate(rows):
+            adv[i, :len(r["token_advantages"])] = torch.tensor(r["token_advantages"])
+        batches.append({"input_ids": ids, "attention_mask": am, "response_mask": rm, "advantages": adv,
+                        "old_log_probs": None})
+    return batches
+
+
+def dumped_batches(cold_start: str, folder: str = DEFAULT_ROLLOUTS) -> list[dict]:
+    """``rollout_batches`` padded with the padding token the driver uses for ``cold_start``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cold_start)
+    return rollout_batches(folder, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
 def gemm_shapes(cfg, positions: int, response_tokens: int) -> list[tuple[int, int, int]]:
@@ -89,6 +128,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=29617)
     parser.add_argument("--cold-start", default=DEFAULT_COLD_START)
+    parser.add_argument("--rollouts", default=DEFAULT_ROLLOUTS, help="a run's rollouts/ folder (dump_rollouts)")
+    parser.add_argument("--synthetic", action="store_true", help="random tokens of the default layout instead")
     args = parser.parse_args()
     from bench_step import gemm_gflops
     from transformers import AutoConfig
@@ -100,13 +141,17 @@ def main() -> None:
     head = cfg.vocab_size * cfg.hidden_size
     body = sum(p.numel() for n, p in learner.engine.module.named_parameters()
                if p.dim() == 2 and "embed" not in n and "lm_head" not in n)
+    if args.synthetic:
+        batches, source = [default_batch(r + 1) for r in range(args.rounds)], "synthetic batches"
+    else:
+        batches, source = dumped_batches(args.cold_start, args.rollouts), f"the dumped steps of {args.rollouts}"
     learner.update(default_batch(0))   # warm-up
     mats: dict = {}
     ratios, single_ratios = [], []
     print(f"{cfg.num_hidden_layers} layers, {body / 1e6:.1f}M matrix weights + {head / 1e6:.1f}M vocabulary "
-          f"projection; {torch.get_num_threads()} threads")
+          f"projection; {torch.get_num_threads()} threads; {source}")
     for r in range(args.rounds):
-        batch = default_batch(r + 1)
+        batch = batches[r % len(batches)]
         starts, lengths = response_spans(batch["response_mask"], batch["attention_mask"])
         plan = learner._plan_micro_batches(batch["input_ids"], starts, lengths)
         t0 = time.perf_counter()
@@ -122,7 +167,8 @@ def main() -> None:
         single = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, torch.get_num_threads())
         ratios.append(learner_rate / ref_rate)
         single_ratios.append(learner_rate / single)
-        print(f"round {r + 1}: update {update_s:5.1f} s, {learner_rate:4.0f} GFLOP/s | its GEMMs alone {gemm_s:5.1f} s, "
+        print(f"round {r + 1}: {int(batch['attention_mask'].sum())} tokens, padding "
+              f"{100 * stats['perf/padding_frac']:.1f} % | update {update_s:5.1f} s, {learner_rate:4.0f} GFLOP/s | its GEMMs alone {gemm_s:5.1f} s, "
               f"{ref_rate:4.0f} GFLOP/s | ratio {100 * ratios[-1]:3.0f} % | single 1024-row GEMM "
               f"{single:4.0f} GFLOP/s, ratio {100 * single_ratios[-1]:3.0f} %", flush=True)
     for name, values in (("the GEMMs of the model's shapes", ratios), ("the single 1024-row GEMM", single_ratios)):

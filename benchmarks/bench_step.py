@@ -66,16 +66,16 @@ def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
     return 2 * tokens * hidden * inter / best / 1e9
 
 
-def model_shapes_gflops(cfg, passes: int = 1) -> float:
-    """GFLOP/s of every GEMM of one update of the CPU default's layout at its shapes (``bench_learner``),
-    run back to back; median of ``passes`` passes."""
-    from bench_learner import default_batch, gemm_shapes, run_gemms
+def model_shapes_gflops(cfg, cold_start: str, passes: int = 1) -> float:
+    """GFLOP/s of every GEMM of one update of the CPU default at its shapes (``bench_learner``: the first real
+    batch it uses), run back to back; median of ``passes`` passes."""
+    from bench_learner import dumped_batches, gemm_shapes, run_gemms
 
     from hicra_rl.learner.micro_batches import plan_fixed_size
     from hicra_rl.learner.prefix_sharing import group_ids_by_prompt, pack_plan
     from hicra_rl.learner.sequences import response_spans
 
-    batch = default_batch(1)
+    batch = dumped_batches(cold_start)[0]
     starts, lengths = response_spans(batch["response_mask"], batch["attention_mask"])
     ids = batch["input_ids"].tolist()
     prompts = [row[:s] for row, s in zip(ids, starts.tolist())]
@@ -136,7 +136,7 @@ def main() -> None:
 
     def measure_references(when: str) -> None:
         single = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, os.cpu_count() or 1)
-        refs.append((single, model_shapes_gflops(cfg)))
+        refs.append((single, model_shapes_gflops(cfg, args.cold_start)))
         print(f"references {when}: single GEMM {refs[-1][0]:.0f} GFLOP/s, the model's shapes {refs[-1][1]:.0f} "
               "GFLOP/s", flush=True)
 

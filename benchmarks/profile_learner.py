@@ -2,10 +2,9 @@
 
     python benchmarks/profile_learner.py [--zero-stage 0] [--cold-start DIR]
 
-The DeepSpeed learner alone (no Ray, no vLLM), world size 1, the CPU default's layout (``bench_learner``'s
-batch: 16 prompt groups of 4 responses, 30-38-token prompts, 30-45-token responses, packed groups,
-micro-batches of 16). After one
-warm-up update it profiles a second one and prints the top operators by self time, then the matrix
+The DeepSpeed learner alone (no Ray, no vLLM), world size 1, the CPU default's layout, on the first real
+batch ``bench_learner`` uses (a default run's dumped step: 16 prompt groups of 4 responses, packed groups,
+micro-batches of 16). After one warm-up update it profiles a second one and prints the top operators by self time, then the matrix
 multiplies: their total FLOPs, seconds and GFLOP/s, and the same for each distinct shape. Compare the
 matmul rate with the GEMM figure of ``benchmarks/bench_step.py`` (same machine): what is left of the
 update time is attention, element-wise work, the log-softmax over the vocabulary and the optimizer.
@@ -15,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench_learner import DEFAULT_COLD_START, default_batch, default_learner
+from bench_learner import DEFAULT_COLD_START, default_learner, dumped_batches
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     learner = default_learner(args.cold_start, args.port, args.zero_stage)
-    batch = default_batch(0)
+    batch = dumped_batches(args.cold_start)[0]
     learner.update(batch)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         t0 = time.perf_counter()

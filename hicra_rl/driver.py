@@ -473,7 +473,8 @@ class Trainer:
         for i, ids in enumerate(batch.response_ids):
             n = len(ids)
             rows.append(json.dumps({
-                "step": step, "group": batch.group_ids[i], "response_ids": list(ids), "text": batch.tagged_texts[i],
+                "step": step, "group": batch.group_ids[i], "prompt_ids": list(batch.prompt_ids[i]),
+                "response_ids": list(ids), "text": batch.tagged_texts[i],
                 "reward": batch.scores[i].reward, "advantage": float(adv.sequence[i]),
                 "planning_mask": [bool(x) for x in batch.planning_masks[i]],
                 "token_advantages": adv.token[i, :n].tolist(), "sg_occurrences": batch.sg_occurrences[i]}))

@@ -180,6 +180,10 @@ def test_hicra_credits_the_planning_tokens_end_to_end(tiny_model, tmp_path):
     tagger = PlanningTagger(str(lexicon_file), AutoTokenizer.from_pretrained(tiny_model))
     alpha = cfg.algorithm.hicra_alpha
     assert alpha == 0.2 and any(d["advantage"] != 0 for d in dumped)
+    prompts_by_group = {}
+    for d in dumped:   # the prompt each response answered (what benchmarks/bench_learner.py rebuilds batches from)
+        assert d["prompt_ids"] and prompts_by_group.setdefault(d["group"], d["prompt_ids"]) == d["prompt_ids"]
+    assert len(prompts_by_group) == cfg.rollout.prompts_per_step
     for d in dumped:
         expected_mask = tagger.tag(d["response_ids"]).tolist()
         assert d["planning_mask"] == expected_mask
