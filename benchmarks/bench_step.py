@@ -34,11 +34,16 @@ OLD = ["learner.old_log_prob_forward=always", "learner.shared_prefix=false", "le
 STAGES = ("generate", "reward", "tag_and_advantage", "old_log_probs", "update", "sync", "step")
 
 
+def train_command(run_dir: Path, args, overrides: list[str]) -> list[str]:
+    """``hicra-train`` for ``args.steps`` fresh steps from ``args.cold_start``, no checkpoints, no wandb."""
+    return [str(Path(sys.executable).parent / "hicra-train"), f"trainer.run_dir={run_dir}", "trainer.resume=never",
+            f"trainer.total_steps={args.steps}", "trainer.save_every=0", "logging.wandb=false",
+            f"trainer.init_checkpoint={args.cold_start}", *overrides]
+
+
 def run_train(name: str, overrides: list[str], args) -> list[dict]:
     run_dir = Path(args.out) / name
-    cmd = [str(Path(sys.executable).parent / "hicra-train"), f"trainer.run_dir={run_dir}", "trainer.resume=never",
-           f"trainer.total_steps={args.steps}", "trainer.save_every=0", "logging.wandb=false",
-           f"trainer.init_checkpoint={args.cold_start}", *overrides]
+    cmd = train_command(run_dir, args, overrides)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     print(f"{name}: {time.perf_counter() - t0:.0f} s wall ({' '.join(overrides) or 'defaults'})", flush=True)

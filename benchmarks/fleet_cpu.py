@@ -16,7 +16,6 @@ import collections
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,6 +58,8 @@ def sample(own_pid: int, stop: subprocess.Popen) -> list[dict]:
 
 
 def main() -> None:
+    from bench_step import train_command
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
@@ -67,9 +68,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     run_dir = Path(args.out)
-    cmd = [str(Path(sys.executable).parent / "hicra-train"), f"trainer.run_dir={run_dir}", "trainer.resume=never",
-           f"trainer.total_steps={args.steps}", "trainer.save_every=0", "logging.wandb=false",
-           f"trainer.init_checkpoint={args.cold_start}"]
+    cmd = train_command(run_dir, args, [])
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as log:   # the run's own output, out of the way of the table
         train = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
