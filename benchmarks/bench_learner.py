@@ -66,6 +66,7 @@ def rollout_batches(folder: str, pad_id: int) -> list[dict]:
     import json
     from pathlib import Path
 
+    from hicra_rl.batch import pad_ragged
     from hicra_rl.learner.sequences import build_sequences
 
     files = sorted(Path(folder).glob("step-*.jsonl"), key=lambda f: int(f.stem.split("-")[1]))
@@ -78,10 +79,9 @@ def rollout_batches(folder: str, pad_id: int) -> list[dict]:
             for key in ("prompt_ids", "response_ids", "token_advantages"):
                 if key not in r:
                     raise ValueError(f"{f}: row {i + 1} has no field {key!r} (dumped by an older hicra-train?)")
-        ids, am, rm = build_sequences([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], pad_id)
-        adv = torch.zeros(len(rows), max(len(r["response_ids"]) for r in rows))
-        for i, r in enumerate(rows):
-            adv[i, :len(r["token_advantages"])] = torch.tensor(r["token_advantages"])
+        responses = [r["response_ids"] for r in rows]
+        ids, am, rm = build_sequences([r["prompt_ids"] for r in rows], responses, pad_id)
+        adv = pad_ragged([r["token_advantages"] for r in rows], 0.0, torch.float32, max(map(len, responses)))
         batches.append({"input_ids": ids, "attention_mask": am, "response_mask": rm, "advantages": adv,
                         "old_log_probs": None})
     return batches
@@ -108,6 +108,12 @@ def gemm_shapes(cfg, positions: int, response_tokens: int) -> list[tuple[int, in
     v = cfg.vocab_size
     shapes += [(response_tokens, h, v), (response_tokens, v, h), (v, response_tokens, h)]
     return shapes
+
+
+def plan_gemm_shapes(cfg, plan, lengths: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``gemm_shapes`` of every micro-batch of a shared-prefix plan ((rows, packed) pairs, as
+    ``PolicyLearner._plan_micro_batches`` or ``pack_plan`` give them), ``lengths`` the responses' lengths."""
+    return [s for rows, packed in plan for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
 
 
 def run_gemms(shapes: list[tuple[int, int, int]], mats: dict) -> float:
@@ -159,7 +165,7 @@ def main() -> None:
         update_s = time.perf_counter() - t0
         real = stats["perf/forward_tokens_per_s"] * stats["perf/update_s"]
         useful = 6 * (body * real + head * stats["actor/n_tokens"])
-        shapes = [s for rows, packed in plan for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
+        shapes = plan_gemm_shapes(cfg, plan, lengths)
         mats.clear()   # a round's operands only: the vocabulary ones are ~0.4 GB per distinct response count
         gemm_s = run_gemms(shapes, mats)
         gemm_flops = sum(2 * m * k * n for m, k, n in shapes)

@@ -21,16 +21,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_step import median_after_warmup, run_train  # noqa: E402
+from bench_step import add_training_args, median_after_warmup, run_train  # noqa: E402
 
 STAGES = ("generate", "reward", "update", "wait_rollout", "sync", "step")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
-    parser.add_argument("--out", default="runs/bench_off_policy")
+    add_training_args(parser, steps=4, out="runs/bench_off_policy")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

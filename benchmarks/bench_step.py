@@ -34,6 +34,15 @@ OLD = ["learner.old_log_prob_forward=always", "learner.shared_prefix=false", "le
 STAGES = ("generate", "reward", "tag_and_advantage", "old_log_probs", "update", "sync", "step")
 
 
+def add_training_args(parser: argparse.ArgumentParser, steps: int, out: str) -> None:
+    """--steps, --cold-start and --out of the benchmarks that run ``hicra-train`` (``train_command``)."""
+    from bench_learner import DEFAULT_COLD_START
+
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--cold-start", default=DEFAULT_COLD_START)
+    parser.add_argument("--out", default=out)
+
+
 def train_command(run_dir: Path, args, overrides: list[str]) -> list[str]:
     """``hicra-train`` for ``args.steps`` fresh steps from ``args.cold_start``, no checkpoints, no wandb."""
     return [str(Path(sys.executable).parent / "hicra-train"), f"trainer.run_dir={run_dir}", "trainer.resume=never",
@@ -74,7 +83,7 @@ def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
 def model_shapes_gflops(cfg, cold_start: str, passes: int = 1) -> float:
     """GFLOP/s of every GEMM of one update of the CPU default at its shapes (``bench_learner``: the first real
     batch it uses), run back to back; median of ``passes`` passes."""
-    from bench_learner import dumped_batches, gemm_shapes, run_gemms
+    from bench_learner import dumped_batches, plan_gemm_shapes, run_gemms
 
     from hicra_rl.learner.micro_batches import plan_fixed_size
     from hicra_rl.learner.prefix_sharing import group_ids_by_prompt, pack_plan
@@ -87,8 +96,7 @@ def model_shapes_gflops(cfg, cold_start: str, passes: int = 1) -> float:
     groups = group_ids_by_prompt(prompts)
     ends = (starts + lengths).tolist()
     plan = plan_fixed_size(ends, 16, prompt_lengths=starts.tolist(), groups=groups)
-    shapes = [s for rows, packed in pack_plan(ids, starts.tolist(), ends, plan, groups)
-              for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
+    shapes = plan_gemm_shapes(cfg, pack_plan(ids, starts.tolist(), ends, plan, groups), lengths)
     flops = sum(2 * m * k * n for m, k, n in shapes)
     mats: dict = {}
     return flops / statistics.median(run_gemms(shapes, mats) for _ in range(passes)) / 1e9
@@ -124,9 +132,7 @@ def standalone_generation(model_path: str, prompts: list[list[int]], max_tokens:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
-    parser.add_argument("--out", default="runs/bench_step")
+    add_training_args(parser, steps=3, out="runs/bench_step")
     parser.add_argument("--skip-standalone", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

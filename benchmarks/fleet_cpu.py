@@ -58,12 +58,10 @@ def sample(own_pid: int, stop: subprocess.Popen) -> list[dict]:
 
 
 def main() -> None:
-    from bench_step import train_command
+    from bench_step import add_training_args, train_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--cold-start", default=os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2"))
-    parser.add_argument("--out", default="runs/fleet_cpu")
+    add_training_args(parser, steps=4, out="runs/fleet_cpu")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
