@@ -9,22 +9,24 @@ once, minutes away from the update, says little. Here each round runs
    default run dumped (``trainer.dump_rollouts=true``; committed under ``benchmarks/data/rollouts-cpu-default``,
    one step per round in turn). ``--synthetic`` uses random tokens of the same layout instead (30-38-token
    prompts, 30-45-token responses: even lengths, so less padding than real responses), then
-2. the reference: every matrix multiply that update runs, at its shapes (per micro-batch: q, k, v, o,
+2. the reference: every matrix multiply that update ran, at its shapes (per micro-batch: q, k, v, o,
    gate, up, down for each of the layers at the micro-batch's packed positions, and the vocabulary
    projection at its response tokens; forward, input-gradient and weight-gradient GEMMs), each once,
    back to back, on random fp32 matrices: the time the update would take if it were nothing but GEMMs.
+   The learner does this itself right after the update (``learner.gemm_reference_every=1``, the same
+   reading ``hicra-train`` logs as perf/gemm_reference_gflops and perf/update_vs_gemm).
 
-The learner's rate counts useful FLOPs only (6 x weights per real token, the vocabulary projection at
-response tokens; no attention, no padding); the reference's rate is its GEMM FLOPs over its time. It prints
-both per round and the median of the ratio, and, for comparison with ``bench_step.py``, a single
-[1024 x hidden] x [hidden x intermediate] GEMM (best of 10) measured in the same round.
+The learner's rate (perf/update_gflops) counts useful FLOPs only (6 x weights per real token, the vocabulary
+projection at response tokens; no attention, no padding: ``hicra_rl.learner.flops``); the reference's rate is
+its GEMM FLOPs over its time. It prints both per round and the median of the ratio, and, for comparison with
+``bench_step.py``, a single [1024 x hidden] x [hidden x intermediate] GEMM (best of 10) measured in the same
+round.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
@@ -32,15 +34,19 @@ DEFAULT_COLD_START = os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_13
 DEFAULT_ROLLOUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "rollouts-cpu-default")
 
 
-def default_learner(cold_start: str, port: int, zero_stage: int = 0):
-    """The DeepSpeed learner alone (no Ray, no vLLM), world size 1, as the CPU default runs it (packed prompt
-    groups, micro-batches of 16 responses), on every core."""
+def default_learner_config(zero_stage: int = 0, **overrides):
+    """The ``learner`` config of the CPU default (packed prompt groups, micro-batches of 16 responses)."""
     from hicra_rl.config import LearnerConfig
+
+    return LearnerConfig(zero_stage=zero_stage, lr=3e-6, micro_batch_size=16, shared_prefix=True, **overrides)
+
+
+def default_learner(cold_start: str, port: int, zero_stage: int = 0, **overrides):
+    """The DeepSpeed learner alone (no Ray, no vLLM), world size 1, as the CPU default runs it, on every core."""
     from hicra_rl.learner.engine import PolicyLearner
 
     torch.set_num_threads(os.cpu_count() or 1)
-    return PolicyLearner(LearnerConfig(zero_stage=zero_stage, lr=3e-6, micro_batch_size=16, shared_prefix=True),
-                         model_path=cold_start, master_port=port)
+    return PolicyLearner(default_learner_config(zero_stage, **overrides), model_path=cold_start, master_port=port)
 
 
 def default_batch(seed: int):
@@ -95,38 +101,12 @@ def dumped_batches(cold_start: str, folder: str = DEFAULT_ROLLOUTS) -> list[dict
     return rollout_batches(folder, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
-def gemm_shapes(cfg, positions: int, response_tokens: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of every matrix multiply of one micro-batch's forward + backward."""
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q_out, kv_out = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    linears = [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h), (h, inter), (h, inter), (inter, h)]
-    shapes = []
-    for fan_in, fan_out in linears:   # Y = X W^T: forward, dX = dY W, dW = dY^T X
-        shapes += [(positions, fan_in, fan_out), (positions, fan_out, fan_in), (fan_out, positions, fan_in)]
-    shapes = shapes * cfg.num_hidden_layers
-    v = cfg.vocab_size
-    shapes += [(response_tokens, h, v), (response_tokens, v, h), (v, response_tokens, h)]
-    return shapes
-
-
 def plan_gemm_shapes(cfg, plan, lengths: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``gemm_shapes`` of every micro-batch of a shared-prefix plan ((rows, packed) pairs, as
-    ``PolicyLearner._plan_micro_batches`` or ``pack_plan`` give them), ``lengths`` the responses' lengths."""
-    return [s for rows, packed in plan for s in gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
+    """Every matrix multiply (``hicra_rl.learner.flops.linear_gemm_shapes``) of a shared-prefix plan ((rows,
+    packed) pairs, as ``pack_plan`` gives them), ``lengths`` the responses' lengths."""
+    from hicra_rl.learner.flops import linear_gemm_shapes
 
-
-def run_gemms(shapes: list[tuple[int, int, int]], mats: dict) -> float:
-    seconds = 0.0
-    for m, k, n in shapes:
-        if (m, k, n) not in mats:
-            mats[(m, k, n)] = (torch.randn(m, k), torch.randn(k, n))
-            mats[(m, k, n)][0] @ mats[(m, k, n)][1]   # warm-up, not timed
-        a, b = mats[(m, k, n)]
-        t0 = time.perf_counter()
-        a @ b
-        seconds += time.perf_counter() - t0
-    return seconds
+    return [s for rows, packed in plan for s in linear_gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
 
 
 def main() -> None:
@@ -140,43 +120,33 @@ def main() -> None:
     from bench_step import gemm_gflops
     from transformers import AutoConfig
 
-    from hicra_rl.learner.sequences import response_spans
+    from hicra_rl.learner.flops import gemm_flops, linear_gemm_shapes
 
     cfg = AutoConfig.from_pretrained(args.cold_start)
-    learner = default_learner(args.cold_start, args.port)
-    head = cfg.vocab_size * cfg.hidden_size
-    body = sum(p.numel() for n, p in learner.engine.module.named_parameters()
-               if p.dim() == 2 and "embed" not in n and "lm_head" not in n)
+    learner = default_learner(args.cold_start, args.port, gemm_reference_every=1)
+    body, head = learner.matrix_weights
     if args.synthetic:
         batches, source = [default_batch(r + 1) for r in range(args.rounds)], "synthetic batches"
     else:
         batches, source = dumped_batches(args.cold_start, args.rollouts), f"the dumped steps of {args.rollouts}"
     learner.update(default_batch(0))   # warm-up
-    mats: dict = {}
     ratios, single_ratios = [], []
     print(f"{cfg.num_hidden_layers} layers, {body / 1e6:.1f}M matrix weights + {head / 1e6:.1f}M vocabulary "
           f"projection; {torch.get_num_threads()} threads; {source}")
     for r in range(args.rounds):
         batch = batches[r % len(batches)]
-        starts, lengths = response_spans(batch["response_mask"], batch["attention_mask"])
-        plan = learner._plan_micro_batches(batch["input_ids"], starts, lengths)
-        t0 = time.perf_counter()
-        stats = learner.update(batch)
-        update_s = time.perf_counter() - t0
-        real = stats["perf/forward_tokens_per_s"] * stats["perf/update_s"]
-        useful = 6 * (body * real + head * stats["actor/n_tokens"])
-        shapes = plan_gemm_shapes(cfg, plan, lengths)
-        mats.clear()   # a round's operands only: the vocabulary ones are ~0.4 GB per distinct response count
-        gemm_s = run_gemms(shapes, mats)
-        gemm_flops = sum(2 * m * k * n for m, k, n in shapes)
-        learner_rate, ref_rate = useful / update_s / 1e9, gemm_flops / gemm_s / 1e9
+        stats = learner.update(batch)   # learner.gemm_reference_every=1: its GEMMs are timed right after it
+        rate, ref_rate = stats["perf/update_gflops"], stats["perf/gemm_reference_gflops"]
+        shapes = [s for positions, tokens in learner.last_gemm_work for s in linear_gemm_shapes(cfg, positions, tokens)]
+        gemm_s = gemm_flops(shapes) / ref_rate / 1e9   # the products' own time (not their operands' set-up)
         single = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, torch.get_num_threads())
-        ratios.append(learner_rate / ref_rate)
-        single_ratios.append(learner_rate / single)
+        ratios.append(stats["perf/update_vs_gemm"])
+        single_ratios.append(rate / single)
         print(f"round {r + 1}: {int(batch['attention_mask'].sum())} tokens, padding "
-              f"{100 * stats['perf/padding_frac']:.1f} % | update {update_s:5.1f} s, {learner_rate:4.0f} GFLOP/s | its GEMMs alone {gemm_s:5.1f} s, "
-              f"{ref_rate:4.0f} GFLOP/s | ratio {100 * ratios[-1]:3.0f} % | single 1024-row GEMM "
-              f"{single:4.0f} GFLOP/s, ratio {100 * single_ratios[-1]:3.0f} %", flush=True)
+              f"{100 * stats['perf/padding_frac']:.1f} % | update {stats['perf/update_s']:5.1f} s, {rate:4.0f} GFLOP/s | "
+              f"its GEMMs alone {gemm_s:5.1f} s, {ref_rate:4.0f} GFLOP/s | ratio "
+              f"{100 * ratios[-1]:3.0f} % | single 1024-row GEMM {single:4.0f} GFLOP/s, ratio "
+              f"{100 * single_ratios[-1]:3.0f} %", flush=True)
     for name, values in (("the GEMMs of the model's shapes", ratios), ("the single 1024-row GEMM", single_ratios)):
         print(f"learner / {name}: median {100 * statistics.median(values):.0f} % "
               f"(min {100 * min(values):.0f}, max {100 * max(values):.0f}) over {len(values)} rounds")

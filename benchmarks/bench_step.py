@@ -8,15 +8,19 @@ Runs ``hicra-train`` twice from the same cold start on the CPU default (16 promp
   learner.shared_prefix=false learner.micro_batch_size=4 data.system_prompt=null rollout.cpu_threads=null
   learner.zero_stage=2``);
 - new path: the defaults (no old-log-prob forward on-policy, prompt groups packed into one row each in
-  micro-batches of 16 responses, empty system prompt, vLLM on all cores).
+  micro-batches of 16 responses, empty system prompt, vLLM on all cores), plus
+  ``learner.gemm_reference_every=1``: after each update the learner times every GEMM that update ran, at its
+  shapes, back to back (perf/gemm_reference_gflops), in the same run and minute; those seconds are taken
+  out of the new path's step and update times.
 It prints the median step time of steps 2..N (step 1 warms up) of each and the ratio new / old, the
-stage breakdown, and the in-run generation rate.  In the same process, before, between and after the two
-runs (the medians of the three, as the VM drifts): a fp32 GEMM of the model's MLP shapes (GFLOP/s; best of
-10) and every GEMM of one default update at its own shapes, back to back (``bench_learner.py``), against
-the learner's update rate estimated from its token count (6 x params per token for forward + backward),
-with the share of the cores the learner process got (``perf/update_cpu_util``); and standalone vLLM and HF
-``generate`` tokens/s on the step's kind of prompts (64 = 16 x 4, T = 1, 48 new tokens) against the
-in-run rate.
+stage breakdown, and the in-run generation rate.  The learner's useful GFLOP/s (perf/update_gflops: 6 x
+weights per token, ``hicra_rl.learner.flops``) is set against three references: the in-run one above
+(perf/update_vs_gemm), and, measured in this process before, between and after the two runs (the medians
+of the three, as the VM drifts), a fp32 GEMM of the model's MLP shapes (best of 10) and every GEMM of one
+default update at its own shapes, back to back (``bench_learner.py``). These two are measured with the
+fleet stopped, so they also charge the learner for the cores vLLM and Ray take during its update (the
+share it got: ``perf/update_cpu_util``). Last, standalone vLLM and HF ``generate`` tokens/s on the step's
+kind of prompts (64 = 16 x 4, T = 1, 48 new tokens) against the in-run rate.
 """
 from __future__ import annotations
 
@@ -65,6 +69,16 @@ def median_after_warmup(rows: list[dict], key: str) -> float:
     return statistics.median(values)
 
 
+def without_gemm_reference(rows: list[dict]) -> list[dict]:
+    """The rows with the in-run GEMM reference's seconds (perf/gemm_reference_s, timed inside the learner's
+    update call) taken out of timing/update_s and timing/step_s: the step as a run without it takes."""
+    out = []
+    for r in rows:
+        extra = r.get("perf/gemm_reference_s") or 0.0
+        out.append({**r, **{k: r[k] - extra for k in ("timing/update_s", "timing/step_s") if r.get(k) is not None}})
+    return out
+
+
 def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
     import torch
 
@@ -80,11 +94,12 @@ def gemm_gflops(hidden: int, inter: int, tokens: int, threads: int) -> float:
     return 2 * tokens * hidden * inter / best / 1e9
 
 
-def model_shapes_gflops(cfg, cold_start: str, passes: int = 1) -> float:
+def model_shapes_gflops(cfg, cold_start: str) -> float:
     """GFLOP/s of every GEMM of one update of the CPU default at its shapes (``bench_learner``: the first real
-    batch it uses), run back to back; median of ``passes`` passes."""
-    from bench_learner import dumped_batches, plan_gemm_shapes, run_gemms
+    batch it uses), run back to back in this process."""
+    from bench_learner import dumped_batches, plan_gemm_shapes
 
+    from hicra_rl.learner.flops import gemm_flops, time_gemms
     from hicra_rl.learner.micro_batches import plan_fixed_size
     from hicra_rl.learner.prefix_sharing import group_ids_by_prompt, pack_plan
     from hicra_rl.learner.sequences import response_spans
@@ -97,9 +112,7 @@ def model_shapes_gflops(cfg, cold_start: str, passes: int = 1) -> float:
     ends = (starts + lengths).tolist()
     plan = plan_fixed_size(ends, 16, prompt_lengths=starts.tolist(), groups=groups)
     shapes = plan_gemm_shapes(cfg, pack_plan(ids, starts.tolist(), ends, plan, groups), lengths)
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    mats: dict = {}
-    return flops / statistics.median(run_gemms(shapes, mats) for _ in range(passes)) / 1e9
+    return gemm_flops(shapes) / time_gemms(shapes) / 1e9
 
 
 def standalone_generation(model_path: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
@@ -154,7 +167,9 @@ def main() -> None:
     measure_references("before the runs")
     rows = {"old": run_train("old", OLD, args)}
     measure_references("between the runs")
-    rows["new"] = run_train("new", [], args)
+    # the new path also times every GEMM of each update at its shapes inside the learner, right after it
+    # (perf/gemm_reference_gflops); its seconds are taken out of the step's timings below
+    rows["new"] = without_gemm_reference(run_train("new", ["learner.gemm_reference_every=1"], args))
     measure_references("after the runs")
     print(f"\nmedian seconds per step (steps 2..{args.steps}; 16 prompts x 4, HICRA, from the cold start)")
     print(f"  {'stage':<20}{'old':>9}{'new':>9}")
@@ -164,8 +179,6 @@ def main() -> None:
     ratio = median_after_warmup(rows["new"], "timing/step_s") / median_after_warmup(rows["old"], "timing/step_s")
     print(f"  step time new / old = {ratio:.2f}")
 
-    head = cfg.vocab_size * cfg.hidden_size                 # lm_head (tied): logits only at response positions
-    body = 134.5e6 - head                                    # SmolLM2-135M: 134.5M parameters in all
     gemm, shapes_rate = (statistics.median(r[i] for r in refs) for i in (0, 1))
     print(f"fp32 GEMM [1024x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}]: {gemm:.0f} GFLOP/s "
           f"(median of before/between/after: {', '.join(f'{r[0]:.0f}' for r in refs)})")
@@ -173,16 +186,20 @@ def main() -> None:
           f"{shapes_rate:.0f} GFLOP/s (median of {', '.join(f'{r[1]:.0f}' for r in refs)})")
     for name in ("old", "new"):
         r = rows[name][1:] or rows[name]
-        update_s = statistics.median(x["perf/update_s"] for x in r)
+        rate = statistics.median(x["perf/update_gflops"] for x in r)   # useful FLOPs (hicra_rl.learner.flops)
         fwd_tokens = statistics.median(x["perf/forward_tokens_per_s"] * x["perf/update_s"] for x in r)
-        resp_tokens = statistics.median(x["actor/n_tokens"] for x in r)
-        flops = 6 * (body * fwd_tokens + head * resp_tokens)  # forward + backward (2 + 4 FLOPs per weight)
-        rate = flops / update_s / 1e9
         util = statistics.median(x.get("perf/update_cpu_util", float("nan")) for x in r)
-        print(f"learner update ({name}): {fwd_tokens:.0f} forward tokens, {resp_tokens:.0f} response tokens in "
-              f"{update_s:.1f} s ~ {rate:.0f} GFLOP/s = {100 * rate / gemm:.0f} % of the 1024-row GEMM, "
-              f"{100 * rate / shapes_rate:.0f} % of the model's shapes; the learner had {100 * util:.0f} % of "
-              f"its threads' CPU time (perf/update_cpu_util)")
+        print(f"learner update ({name}): {fwd_tokens:.0f} forward tokens, "
+              f"{statistics.median(x['actor/n_tokens'] for x in r):.0f} response tokens in "
+              f"{statistics.median(x['perf/update_s'] for x in r):.1f} s ~ {rate:.0f} GFLOP/s = "
+              f"{100 * rate / gemm:.0f} % of the 1024-row GEMM, {100 * rate / shapes_rate:.0f} % of the model's "
+              f"shapes; the learner had {100 * util:.0f} % of its threads' CPU time (perf/update_cpu_util)")
+    r = rows["new"][1:] or rows["new"]
+    ratios = [x["perf/update_vs_gemm"] for x in r]
+    print(f"in the run, every GEMM of each new-path update at its shapes, timed in the learner right after it: "
+          f"{statistics.median(x['perf/gemm_reference_gflops'] for x in r):.0f} GFLOP/s; learner / it "
+          f"(perf/update_vs_gemm) median {100 * statistics.median(ratios):.0f} % (steps 2..{args.steps}: "
+          f"{', '.join(f'{100 * v:.0f}' for v in ratios)} %)")
     in_run = median_after_warmup(rows["new"], "perf/generate_tokens_per_s")
     in_run_old = median_after_warmup(rows["old"], "perf/generate_tokens_per_s")
     print(f"in-run generation: new {in_run:.0f} tokens/s, old {in_run_old:.0f} tokens/s")

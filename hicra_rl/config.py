@@ -181,6 +181,12 @@ class LearnerConfig:
     # <= micro_batch_tokens; a row longer than the budget runs alone. Same loss and gradients (global
     # normalisers; tested). 0: micro_batch_size sequences per micro-batch
     micro_batch_tokens: int = 0
+    # > 0: every N-th update, right after it, each rank also times every matrix multiply that update ran, at
+    # its shapes, back to back on random operands (``hicra_rl.learner.flops``), and logs
+    # perf/gemm_reference_gflops and perf/update_vs_gemm: the learner's efficiency against its own GEMMs,
+    # measured in the same run and minute (benchmarks/bench_step.py). It adds about the update's GEMM time
+    # to those steps (not to perf/update_s). 0: never
+    gemm_reference_every: int = 0
 
 
 LEARNER_OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
@@ -209,6 +215,8 @@ def check_learner_config(l: LearnerConfig, prefix: str = "learner") -> None:
            f"must be grouped or masked, got {l.shared_prefix_attention!r}")
     _check(l.old_log_prob_forward in ("auto", "always"), f"{prefix}.old_log_prob_forward",
            f"must be auto or always, got {l.old_log_prob_forward!r}")
+    _check(l.gemm_reference_every >= 0, f"{prefix}.gemm_reference_every",
+           f"must be >= 0 (every N-th update; 0: never), got {l.gemm_reference_every}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
 from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
+from hicra_rl.learner.flops import gemm_flops, linear_gemm_shapes, matrix_weights, time_gemms, useful_flops
 from hicra_rl.learner.grouped_attention import enable_grouped_attention
 from hicra_rl.learner.micro_batches import plan_fixed_size, plan_token_budget
 from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_plan, shared_prefix_log_probs
@@ -189,6 +190,11 @@ class PolicyLearner:
         if cfg.shared_prefix and cfg.shared_prefix_attention == "grouped":
             enable_grouped_attention(model)   # packed rows without an [L x L] mask; sdpa for everything else
         self.tied_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
+        self.model_config = model.config
+        self.matrix_weights = matrix_weights(model, model.config)   # (decoder, vocabulary projection)
+        self.updates = 0
+        # (padded positions, response tokens) of each micro-batch of the last gradient_step / update
+        self.last_gemm_work: list[tuple[int, int]] = []
 
         optimizer = self._torch_optimizer(model) if cfg.optimizer == "torch_adamw" else None
         lr_factor = _lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -355,6 +361,7 @@ class PolicyLearner:
 
         mini = b // cfg.mini_batches_per_step
         self.step_stats = []
+        gemm_work = []
         t0, cpu0 = time.perf_counter(), time.process_time()
         tokens = forward_tokens = 0.0
         for _ in range(cfg.ppo_epochs):
@@ -371,6 +378,7 @@ class PolicyLearner:
                 if "rollout_corr/ratio_max" in out:
                     out["rollout_corr/ratio_max"] = self._max_over_ranks(self._ratio_max)
                 forward_tokens += out.pop("forward_tokens")
+                gemm_work += self.last_gemm_work
                 self.step_stats.append(out)
                 tokens += float(part.attention_mask.sum())
         elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
@@ -384,7 +392,30 @@ class PolicyLearner:
         # CPU seconds of this process over (wall seconds x torch threads), rank 0: on a CPU learner, below ~0.98
         # means other processes took its cores during the update (on a GPU learner it is the host's share)
         stats["perf/update_cpu_util"] = cpu_s / max(elapsed * torch.get_num_threads(), 1e-9)
+        self.updates += 1
+        self.last_gemm_work = gemm_work
+        stats.update(self._gflops_stats(elapsed, forward_tokens))
         return stats
+
+    def _gflops_stats(self, elapsed: float, forward_tokens: float) -> dict[str, float]:
+        """perf/update_gflops: this rank's useful FLOPs (``flops.useful_flops``) per second of the update; every
+        ``gemm_reference_every``-th update also perf/gemm_reference_gflops, the GFLOP/s of every matrix
+        multiply the update ran, at its shapes, timed back to back right now, their ratio, and the seconds
+        this took (perf/gemm_reference_s: part of the step's timing/update_s, not of perf/update_s)."""
+        head_tokens = sum(t for _, t in self.last_gemm_work)
+        rate = useful_flops(*self.matrix_weights, forward_tokens, head_tokens) / max(elapsed, 1e-9) / 1e9
+        out = {"perf/update_gflops": rate}
+        every = self.cfg.gemm_reference_every
+        if every and self.updates % every == 0:
+            shapes = [s for positions, tokens in self.last_gemm_work
+                      for s in linear_gemm_shapes(self.model_config, positions, tokens)]
+            dtype = next(self.engine.module.parameters()).dtype
+            t0 = time.perf_counter()
+            reference = gemm_flops(shapes) / max(time_gemms(shapes, dtype, self.device), 1e-9) / 1e9
+            out["perf/gemm_reference_gflops"] = reference
+            out["perf/update_vs_gemm"] = rate / reference
+            out["perf/gemm_reference_s"] = time.perf_counter() - t0
+        return out
 
     def _ppo_loss_fn(self, part: PolicyBatch) -> LossFn:
         """The PPO-clip / clip-higher loss of one mini-batch (``hicra_rl.algo.losses``)."""
@@ -438,17 +469,21 @@ class PolicyLearner:
         weighted: dict[str, float] = {}
         plan = self._plan_micro_batches(input_ids, starts, lengths)
         real_tokens = padded_tokens = 0.0
+        self.last_gemm_work = []
         for i, (rows, packed) in enumerate(plan):
             if packed is None:
                 logp, ent = self._response_log_probs(engine, input_ids[rows], attention_mask[rows], starts[rows],
                                                      lengths[rows], width)
                 real_tokens += float((starts[rows] + lengths[rows]).sum())
                 padded_tokens += len(rows) * float((starts[rows] + lengths[rows]).max())
+                self.last_gemm_work.append((len(rows) * int((starts[rows] + lengths[rows]).max()),
+                                        int(lengths[rows].sum())))
             else:
                 logp, ent = shared_prefix_log_probs(engine, packed.to(self.device), width, self.logits_temperature,
                                                     self.cfg.logprob_chunk_size)
                 real_tokens += packed.n_tokens
                 padded_tokens += packed.padded_tokens
+                self.last_gemm_work.append((int(packed.padded_tokens), int(lengths[rows].sum())))
             mb_mask = mask[rows].to(self.device)
             mb = MicroBatch(logp, ent, mb_mask, rows, n_tok, n_seq, self.device)
             loss, mb_summed, mb_means = loss_fn(mb)
