@@ -111,7 +111,7 @@ def model_shapes_gflops(cfg, cold_start: str) -> float:
     groups = group_ids_by_prompt(prompts)
     ends = (starts + lengths).tolist()
     plan = plan_fixed_size(ends, 16, prompt_lengths=starts.tolist(), groups=groups)
-    shapes = plan_gemm_shapes(cfg, pack_plan(ids, starts.tolist(), ends, plan, groups), lengths)
+    shapes = plan_gemm_shapes(cfg, pack_plan(ids, starts.tolist(), ends, plan, groups, one_row=True), lengths)
     return gemm_flops(shapes) / time_gemms(shapes) / 1e9
 
 

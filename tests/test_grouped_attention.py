@@ -35,7 +35,21 @@ def test_hand_checked_layout():
     assert lay.destination.tolist() == [0, 1, 5, 2, 3, 4, 6]
 
 
-def _random_packing(seed: int):
+def test_hand_checked_one_row_layout():
+    # one row: [5 6 | 7 8 | 9 || 3 | 4]; the second group starts at column 5
+    packed = pack_groups([[5, 6], [5, 6], [3]], [[7, 8], [9], [4]], [0, 0, 1], pad_id=0, one_row=True)
+    lay = grouped_layout(packed)
+    assert (lay.n_rows, lay.length, lay.n_groups, lay.prompt_max, lay.n_responses) == (1, 7, 2, 2, 3)
+    # each group's P_max = 2 columns from its start (the second group's extra one is its response, dropped)
+    assert lay.prompt_index.view(2, 2).tolist() == [[0, 1], [5, 6]]
+    assert lay.kv_index.view(3, 4).tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [5, 6, 6, 0]]
+    assert lay.q_index.view(3, 2).tolist() == [[2, 3], [4, 0], [6, 0]]
+    allowed = (lay.mask[:, 0] == 0).int().tolist()
+    assert allowed[2] == [[1, 0, 1, 0], [1, 0, 1, 0]]   # 4: its 1-token prompt (column 5) + itself
+    assert lay.destination.tolist() == [0, 1, 5, 2, 3, 4, 6]
+
+
+def _random_packing(seed: int, one_row: bool = False):
     g = torch.Generator().manual_seed(seed)
     prompts, responses, gids = [], [], []
     for gid, (p_len, sizes) in enumerate([(6, [4, 1, 7]), (2, [3, 3]), (9, [5]), (1, [2, 6, 1, 3])]):
@@ -44,12 +58,13 @@ def _random_packing(seed: int):
             prompts.append(p)
             responses.append(torch.randint(1, 100, (n,), generator=g).tolist())
             gids.append(gid)
-    return pack_groups(prompts, responses, gids, pad_id=0)
+    return pack_groups(prompts, responses, gids, pad_id=0, one_row=one_row)
 
 
+@pytest.mark.parametrize("one_row", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_values_and_gradients_equal_the_masked_attention(kv_heads):
-    packed = _random_packing(0)
+def test_values_and_gradients_equal_the_masked_attention(kv_heads, one_row):
+    packed = _random_packing(0, one_row)
     lay = grouped_layout(packed)
     b, t = packed.input_ids.shape
     g = torch.Generator().manual_seed(1)

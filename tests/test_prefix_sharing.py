@@ -85,6 +85,30 @@ def test_hand_checked_maps_and_mask():
     assert torch.equal(bf16[:, 0] == 0, expected)
 
 
+def test_one_row_packs_every_group_without_padding():
+    """``one_row``: the groups one after another in a single row; positions restart per group; no column
+    sees another group (5 6 7 8 9 | 3 4)."""
+    packed = pack_groups([[5, 6], [5, 6], [3]], [[7, 8], [9], [4]], [0, 0, 1], pad_id=0, one_row=True)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 3, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert packed.column_group.tolist() == [[0, 0, 0, 0, 0, 1, 1]]
+    allowed = [[1, 0, 0, 0, 0, 0, 0],   # 5
+               [1, 1, 0, 0, 0, 0, 0],   # 6
+               [1, 1, 1, 0, 0, 0, 0],   # 7: prompt + itself
+               [1, 1, 1, 1, 0, 0, 0],   # 8: prompt + 7 + itself
+               [1, 1, 0, 0, 1, 0, 0],   # 9: prompt + itself
+               [0, 0, 0, 0, 0, 1, 0],   # 3: the second group's prompt, nothing of the first group
+               [0, 0, 0, 0, 0, 1, 1]]   # 4: its prompt + itself
+    assert packed.allowed().int().tolist() == [allowed]
+    assert packed.row_index.tolist() == [0, 0, 0] and packed.group_index.tolist() == [0, 0, 1]
+    assert packed.group_start.tolist() == [0, 5]
+    assert packed.token_index.tolist() == [[2, 3], [4, 0], [6, 0]]
+    assert packed.logit_index.tolist() == [[1, 2], [1, 0], [5, 0]]
+    assert packed.seq_lengths.tolist() == [5, 2]
+    assert packed.n_groups == 2 and packed.n_rows == 1
+    assert packed.n_tokens == packed.padded_tokens == 7   # against 10 with one row per group
+
+
 def test_validation():
     with pytest.raises(ValueError, match="row 2"):
         pack_groups([[1, 2], [1, 2], [1, 3]], [[4], [5], [6]], [7, 7, 7], pad_id=0)
@@ -109,12 +133,13 @@ def test_pack_rows_groups_by_prompt():
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "grouped"])
-def test_matches_unshared_forward_and_gradients(tiny_llama, attn):
+@pytest.mark.parametrize("attn,one_row", [("sdpa", False), ("eager", False), ("grouped", False),
+                                          ("sdpa", True), ("grouped", True)])
+def test_matches_unshared_forward_and_gradients(tiny_llama, attn, one_row):
     torch.manual_seed(0)
     model = load(tiny_llama, attn)
     prompts, responses, gids = grouped_batch()
-    packed = pack_groups(prompts, responses, gids, pad_id=0)
+    packed = pack_groups(prompts, responses, gids, pad_id=0, one_row=one_row)
     width = max(len(r) for r in responses) + 2
     temperature = 0.7
     assert packed.n_tokens < packed.n_unshared_tokens

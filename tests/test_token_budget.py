@@ -186,15 +186,20 @@ def test_token_budget_plans_in_the_learner(tiny_llama):
     starts, lengths = response_spans(rm, am)
     ends = (starts + lengths).tolist()
     group_of = [i // 3 for i in range(12)]
-    for shared in (False, True):
-        learner = PolicyLearner(LearnerConfig(zero_stage=0, micro_batch_tokens=64, shared_prefix=shared),
+    for shared, attention in ((False, "grouped"), (True, "masked"), (True, "grouped")):
+        learner = PolicyLearner(LearnerConfig(zero_stage=0, micro_batch_tokens=64, shared_prefix=shared,
+                                              shared_prefix_attention=attention),
                                 model_path=tiny_llama, master_port=free_port())
         plan = learner._plan_micro_batches(ids, starts, lengths)
         kw = {"groups": group_of, "prompt_lengths": starts.tolist()} if shared else {}
         assert [rows.tolist() for rows, _ in plan] == plan_token_budget(ends, 64, **kw)
         if shared:
             for rows, packed in plan:
-                assert packed.padded_tokens == padded_tokens([rows.tolist()], ends, **kw)
+                planned = padded_tokens([rows.tolist()], ends, **kw)   # a row per group, to the longest
+                if attention == "masked":
+                    assert packed.n_rows == packed.n_groups and packed.padded_tokens == planned
+                else:   # the grouped attention's one unpadded row: no more than planned
+                    assert packed.n_rows == 1 and packed.padded_tokens == packed.n_tokens <= planned
                 assert packed.n_groups == 1 or packed.padded_tokens <= 64
         learner.close()
 

@@ -534,7 +534,10 @@ class PolicyLearner:
         ids = input_ids.tolist()
         group_of = group_ids_by_prompt([row[:s] for row, s in zip(ids, starts.tolist())])
         plan = self._plan_rows(ends.tolist(), starts.tolist(), group_of)
-        return pack_plan(ids, starts.tolist(), ends.tolist(), plan, group_of)
+        # the grouped attention takes a micro-batch's groups in one unpadded row; the masked one a row each
+        # (its [L x L] mask grows with the square of the row)
+        return pack_plan(ids, starts.tolist(), ends.tolist(), plan, group_of,
+                         one_row=self.cfg.shared_prefix_attention == "grouped")
 
     def _plan_rows(self, ends: list[int], prompt_lengths: list[int] | None = None,
                    groups: list[int] | None = None) -> list[list[int]]:

@@ -1,13 +1,15 @@
 """Prefix-grouped attention for packed prompt groups (Prefix Grouper, arXiv 2506.05433): no [L x L] mask.
 
-A packed row (``prefix_sharing.PackedGroups``) is ``prompt | r1 | r2 | ... | pad``. Its masked attention
-computes every query against every key of the row and masks most of them out: (P + G·R)² scores for a
-prompt of P tokens and G responses of R, of which about P² / 2 + G·R·(P + R / 2) are needed, and the
-[L x L] mask itself grows with the square of the row (1 GiB in fp32 at 16k tokens).
+A packed group (``prefix_sharing.PackedGroups``) is ``prompt | r1 | r2 | ...``, one per row (right-padded)
+or all of a micro-batch's groups one after another in one unpadded row. Its masked attention computes every
+query against every key of the row and masks most of them out: (P + G·R)² scores for a prompt of P tokens
+and G responses of R, of which about P² / 2 + G·R·(P + R / 2) are needed, and the [L x L] mask itself grows
+with the square of the row (1 GiB in fp32 at 16k tokens).
 
 Here each layer's attention is two ``scaled_dot_product_attention`` calls on the same q, k, v:
-- the prompts: causal attention over each row's first ``P_max`` columns (a shorter prompt's extra
-  columns are computed and dropped: causality keeps them out of the real prompt queries);
+- the prompts: causal attention over each group's ``P_max`` columns from its start, gathered into one batch
+  entry per group (a shorter prompt's extra columns are computed and dropped: causality keeps them out of
+  the real prompt queries);
 - the responses: one batch entry per response, its queries against ``[its prompt | itself]`` gathered
   into ``P_max + R_max`` keys, with a small [n, 1, R_max, P_max + R_max] mask (prompt padding, causality
   within the response).
@@ -32,19 +34,22 @@ GROUPED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 @dataclass
 class GroupedLayout:
-    """Index maps of one packed micro-batch (rows ``n_rows`` x ``length`` columns, ``n_responses`` responses)."""
+    """Index maps of one packed micro-batch (rows ``n_rows`` x ``length`` columns, ``n_groups`` groups,
+    ``n_responses`` responses)."""
 
     n_rows: int
     length: int
+    n_groups: int
     prompt_max: int
     response_max: int
     n_responses: int
-    kv_index: torch.Tensor        # [n * (P_max + R_max)] flat (row * length + column) of each response's keys
-    q_index: torch.Tensor         # [n * R_max] flat column of each response's queries (0 past its length)
+    prompt_index: torch.Tensor    # [n_groups * P_max] flat (row * length + column) of each group's prompt columns
+    kv_index: torch.Tensor        # [n * (P_max + R_max)] flat position of each response's keys
+    q_index: torch.Tensor         # [n * R_max] flat position of each response's queries (0 past its length)
     mask: torch.Tensor            # [n, 1, R_max, P_max + R_max] additive
-    prompt_source: torch.Tensor   # rows of the flattened prompt output [n_rows * P_max] that are real prompt tokens
+    prompt_source: torch.Tensor   # rows of the flattened prompt output [n_groups * P_max] that are real prompt tokens
     response_source: torch.Tensor  # rows of the flattened response output [n * R_max] that are real tokens
-    destination: torch.Tensor     # flat packed column of each prompt_source row, then of each response_source row
+    destination: torch.Tensor     # flat packed position of each prompt_source row, then of each response_source row
 
 
 def grouped_layout(packed, dtype: torch.dtype = torch.float32) -> GroupedLayout:
@@ -53,12 +58,15 @@ def grouped_layout(packed, dtype: torch.dtype = torch.float32) -> GroupedLayout:
     n_rows, length = packed.input_ids.shape
     rows, p_len, r_len = packed.row_index, packed.prompt_lengths, packed.response_lengths
     n, r_max = int(rows.shape[0]), int(packed.token_index.shape[1])
-    p_max = int(p_len.max())
+    n_groups, p_max = int(packed.group_start.shape[0]), int(p_len.max())
+    last = n_rows * length - 1
+    # each group's first P_max positions (past the end of the row: its last position; never a real query)
+    prompt_index = (packed.group_start[:, None] + torch.arange(p_max, device=device)[None, :]).clamp_(max=last)
     j = torch.arange(r_max, device=device)
     in_response = j[None, :] < r_len[:, None]                                     # [n, R_max]
     prompt_cols = torch.arange(p_max, device=device)[None, :].expand(n, p_max)
     response_cols = torch.where(in_response, packed.token_index, torch.zeros_like(packed.token_index))
-    kv_index = rows[:, None] * length + torch.cat([prompt_cols, response_cols], 1)
+    kv_index = torch.cat([prompt_index[packed.group_index], rows[:, None] * length + response_cols], 1)
     q_index = rows[:, None] * length + response_cols
     # key k of response i's query j: a real prompt token, or a token of the response at or before j
     key_ok = torch.cat([prompt_cols < p_len[:, None], in_response], 1)            # [n, P_max + R_max]
@@ -67,14 +75,14 @@ def grouped_layout(packed, dtype: torch.dtype = torch.float32) -> GroupedLayout:
     allowed = key_ok[:, None, :] & causal[None]
     allowed[:, :, 0] = True   # a padding query still sees the first prompt token: no all-masked row (NaN)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    row_prompt = torch.zeros(n_rows, dtype=torch.long, device=device).index_copy(0, rows, p_len)
-    prompt_real = (torch.arange(p_max, device=device)[None, :] < row_prompt[:, None]).flatten()
+    group_prompt = torch.zeros(n_groups, dtype=torch.long, device=device).index_copy(0, packed.group_index, p_len)
+    prompt_real = (torch.arange(p_max, device=device)[None, :] < group_prompt[:, None]).flatten()
     prompt_source = prompt_real.nonzero()[:, 0]
-    prompt_dest = (torch.arange(n_rows, device=device)[:, None] * length
-                   + torch.arange(p_max, device=device)[None, :]).flatten()[prompt_source]
+    prompt_dest = prompt_index.flatten()[prompt_source]
     response_source = in_response.flatten().nonzero()[:, 0]
     destination = torch.cat([prompt_dest, q_index.flatten()[response_source]])
-    return GroupedLayout(n_rows=n_rows, length=length, prompt_max=p_max, response_max=r_max, n_responses=n,
+    return GroupedLayout(n_rows=n_rows, length=length, n_groups=n_groups, prompt_max=p_max, response_max=r_max,
+                         n_responses=n, prompt_index=prompt_index.flatten(),
                          kv_index=kv_index.flatten(), q_index=q_index.flatten(), mask=mask[:, None],
                          prompt_source=prompt_source, response_source=response_source, destination=destination)
 
@@ -89,23 +97,27 @@ def prefix_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     kv = key.shape[1]
     if (b, t) != (layout.n_rows, layout.length):
         raise ValueError(f"prefix_groups layout is for {layout.n_rows} x {layout.length}, the forward has {b} x {t}")
-    n, p, r = layout.n_responses, layout.prompt_max, layout.response_max
+    n, g, p, r = layout.n_responses, layout.n_groups, layout.prompt_max, layout.response_max
     # GQA inside SDPA on a CPU (its flash kernel takes a mask); elsewhere the repeated heads keep the fused kernels
     gqa = query.device.type == "cpu"
     rep = 1 if gqa else h // kv
     kw = {"enable_gqa": True} if gqa and kv != h else {}
-    out_prompt = F.scaled_dot_product_attention(
-        query[:, :, :p], repeat_kv(key[:, :, :p], rep), repeat_kv(value[:, :, :p], rep),
-        is_causal=True, dropout_p=dropout, scale=scale, **kw)
+    q_flat = query.transpose(1, 2).reshape(b * t, h, d)
     k_flat = key.transpose(1, 2).reshape(b * t, kv, d)
     v_flat = value.transpose(1, 2).reshape(b * t, kv, d)
-    q_resp = query.transpose(1, 2).reshape(b * t, h, d).index_select(0, layout.q_index).view(n, r, h, d).transpose(1, 2)
-    k_resp = k_flat.index_select(0, layout.kv_index).view(n, p + r, kv, d).transpose(1, 2)
-    v_resp = v_flat.index_select(0, layout.kv_index).view(n, p + r, kv, d).transpose(1, 2)
+
+    def gather(flat: torch.Tensor, index: torch.Tensor, entries: int, heads: int) -> torch.Tensor:
+        return flat.index_select(0, index).view(entries, -1, heads, d).transpose(1, 2)
+
+    out_prompt = F.scaled_dot_product_attention(
+        gather(q_flat, layout.prompt_index, g, h), repeat_kv(gather(k_flat, layout.prompt_index, g, kv), rep),
+        repeat_kv(gather(v_flat, layout.prompt_index, g, kv), rep), is_causal=True, dropout_p=dropout, scale=scale,
+        **kw)
     out_resp = F.scaled_dot_product_attention(
-        q_resp, repeat_kv(k_resp, rep), repeat_kv(v_resp, rep),
+        gather(q_flat, layout.q_index, n, h), repeat_kv(gather(k_flat, layout.kv_index, n, kv), rep),
+        repeat_kv(gather(v_flat, layout.kv_index, n, kv), rep),
         attn_mask=layout.mask.to(query.dtype), dropout_p=dropout, scale=scale, **kw)
-    source = torch.cat([out_prompt.transpose(1, 2).reshape(b * p, h, d).index_select(0, layout.prompt_source),
+    source = torch.cat([out_prompt.transpose(1, 2).reshape(g * p, h, d).index_select(0, layout.prompt_source),
                         out_resp.transpose(1, 2).reshape(n * r, h, d).index_select(0, layout.response_source)])
     out = query.new_zeros(b * t, h, d).index_copy(0, layout.destination, source)
     return out.view(b, t, h, d)

@@ -36,31 +36,40 @@ SUPPORTED_ATTENTION = ("sdpa", "eager", GROUPED_ATTENTION)
 
 @dataclass
 class PackedGroups:
-    """One packed row per group, plus the maps from packed columns back to each response.
+    """The packed groups, plus the maps from packed columns back to each response.
 
-    B responses (in the caller's order), ``n_groups`` packed rows of length L, W = longest response.
+    B responses (in the caller's order), G = ``n_groups`` groups, W = longest response. Each group is its
+    prompt once, then its responses: ``pack_groups`` puts one group per row (``n_rows`` = G, right-padded
+    to the longest, length L), or with ``one_row`` every group one after another in a single row of
+    L = all their tokens (no padding at all; ``n_rows`` = 1).
 
-    input_ids        [n_groups, L]        prompt once, then the group's responses, right-padded with pad_id
-    position_ids     [n_groups, L]        prompt 0..P-1; each response P..P+len-1; padding 0
-    segment          [n_groups, L]        0 prompt, m + 1 the row's m-th response, -(column + 1) padding
-    attention_mask   [n_groups, 1, L, L]  (a property, built on demand from ``segment``: O(L^2), the grouped
-                                          attention never builds it) additive float32: 0 where a query (dim 2)
-                                          may see a key (dim 3), ``finfo(float32).min`` elsewhere; a padding
-                                          column sees only itself (so no softmax row is empty) and no real
-                                          token sees padding
+    input_ids        [n_rows, L]          the groups' tokens, right-padded with pad_id
+    position_ids     [n_rows, L]          each prompt 0..P-1; each response P..P+len-1; padding 0
+    segment          [n_rows, L]          0 prompt, m + 1 the group's m-th response, -(column + 1) padding
+    column_group     [n_rows, L]          the group (0..G-1, packing order) of each column; -1 padding
+    attention_mask   [n_rows, 1, L, L]    (a property, built on demand from ``segment`` and ``column_group``:
+                                          O(L^2), the grouped attention never builds it) additive float32: 0
+                                          where a query (dim 2) may see a key (dim 3), ``finfo(float32).min``
+                                          elsewhere; a padding column sees only itself (so no softmax row is
+                                          empty) and no real token sees padding or another group
     row_index        [B]                  packed row of response i
+    group_index      [B]                  group (0..G-1) of response i
+    group_start      [G]                  flat position (row x L + column) of each group's first prompt token
     token_index      [B, W]               column of response i's j-th token (0 past its length)
     logit_index      [B, W]               column whose logit predicts that token: token_index - 1, except
                                           j = 0 -> the last prompt column (0 past its length)
     targets          [B, W]               the response tokens (pad_id past each length)
-    response_lengths [B], prompt_lengths [B], seq_lengths [n_groups] (real tokens per packed row)
-    group_order      the group id of each packed row (order of first appearance)
+    response_lengths [B], prompt_lengths [B], seq_lengths [G] (real tokens per group)
+    group_order      the group id of each packed group (order of first appearance)
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     segment: torch.Tensor
+    column_group: torch.Tensor
     row_index: torch.Tensor
+    group_index: torch.Tensor
+    group_start: torch.Tensor
     token_index: torch.Tensor
     logit_index: torch.Tensor
     targets: torch.Tensor
@@ -73,6 +82,10 @@ class PackedGroups:
     # ------------------------------------------------------------------ sizes
     @property
     def n_groups(self) -> int:
+        return len(self.group_order)
+
+    @property
+    def n_rows(self) -> int:
         return int(self.input_ids.shape[0])
 
     @property
@@ -91,7 +104,7 @@ class PackedGroups:
 
     @property
     def padded_tokens(self) -> int:
-        """Positions the packed forward computes: n_groups x L."""
+        """Positions the packed forward computes: n_rows x L."""
         return int(self.input_ids.numel())
 
     @property
@@ -102,6 +115,7 @@ class PackedGroups:
     def stats(self) -> dict[str, float]:
         return {
             "n_groups": self.n_groups,
+            "n_rows": self.n_rows,
             "n_responses": self.n_responses,
             "packed_len": int(self.input_ids.shape[1]),
             "n_tokens": self.n_tokens,
@@ -121,12 +135,13 @@ class PackedGroups:
         return PackedGroups(**kw)
 
     def allowed(self) -> torch.Tensor:
-        """[n_groups, L, L] bool: query (dim 1) may attend to key (dim 2): causal, and a query sees keys of
-        its own segment, or the prompt when it is a response token."""
+        """[n_rows, L, L] bool: query (dim 1) may attend to key (dim 2): causal, within its group, keys of its
+        own segment, or the group's prompt when it is a response token."""
         length = self.segment.shape[1]
         seg_q, seg_k = self.segment[:, :, None], self.segment[:, None, :]
+        same_group = self.column_group[:, :, None] == self.column_group[:, None, :]
         causal = torch.ones((length, length), dtype=torch.bool, device=self.segment.device).tril_()
-        return causal & ((seg_q == seg_k) | ((seg_k == 0) & (seg_q > 0)))
+        return causal & same_group & ((seg_q == seg_k) | ((seg_k == 0) & (seg_q > 0)))
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -148,12 +163,14 @@ def group_ids_by_prompt(prompt_ids: list[list[int]]) -> list[int]:
 
 
 def pack_groups(
-    prompt_ids: list[list[int]], response_ids: list[list[int]], group_ids: list[int], pad_id: int
+    prompt_ids: list[list[int]], response_ids: list[list[int]], group_ids: list[int], pad_id: int,
+    one_row: bool = False,
 ) -> PackedGroups:
-    """Pack B (prompt, response) rows into one row per group (see ``PackedGroups``).
+    """Pack B (prompt, response) rows into one row per group, or with ``one_row`` all groups into a single
+    unpadded row (see ``PackedGroups``).
 
     Rows with the same ``group_ids`` value must have identical prompts; they need not be adjacent.
-    Packed rows follow the order of each group's first appearance, responses within a row follow the
+    Packed groups follow the order of each group's first appearance, responses within a group follow the
     input order, and every per-response output keeps the input order.
     """
     b = len(prompt_ids)
@@ -175,46 +192,58 @@ def pack_groups(
     order = list(members)
     prompt_len = [len(prompt_ids[members[g][0]]) for g in order]
     seq_len = [prompt_len[k] + sum(len(response_ids[i]) for i in members[g]) for k, g in enumerate(order)]
-    n, length = len(order), max(seq_len)
+    n, length = (1, sum(seq_len)) if one_row else (len(order), max(seq_len))
     width = max(len(r) for r in response_ids)
 
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, length), dtype=torch.long)
-    # segment of each column: 0 prompt, m + 1 the row's m-th response, -(column + 1) padding (unique)
+    # segment of each column: 0 prompt, m + 1 the group's m-th response, -(column + 1) padding (unique)
     segment = -torch.arange(1, length + 1, dtype=torch.long).repeat(n, 1)
+    column_group = torch.full((n, length), -1, dtype=torch.long)
     row_index = torch.zeros(b, dtype=torch.long)
+    group_index = torch.zeros(b, dtype=torch.long)
+    group_start = torch.zeros(len(order), dtype=torch.long)
     token_index = torch.zeros((b, width), dtype=torch.long)
     logit_index = torch.zeros((b, width), dtype=torch.long)
     targets = torch.full((b, width), pad_id, dtype=torch.long)
     resp_len = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
     pr_len = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
 
+    offset = 0   # with one_row, the column where group k starts
     for k, g in enumerate(order):
+        row, c0 = (0, offset) if one_row else (k, 0)
         p = prompt_ids[members[g][0]]
         np_ = len(p)
-        input_ids[k, :np_] = torch.as_tensor(list(p), dtype=torch.long)
-        position_ids[k, :np_] = torch.arange(np_)
-        segment[k, :np_] = 0
-        s = np_
+        group_start[k] = row * length + c0
+        input_ids[row, c0:c0 + np_] = torch.as_tensor(list(p), dtype=torch.long)
+        position_ids[row, c0:c0 + np_] = torch.arange(np_)
+        segment[row, c0:c0 + np_] = 0
+        column_group[row, c0:c0 + seq_len[k]] = k
+        s = c0 + np_
         for m, i in enumerate(members[g]):
             r = response_ids[i]
             e = s + len(r)
             resp = torch.as_tensor(list(r), dtype=torch.long)
-            input_ids[k, s:e] = resp
-            position_ids[k, s:e] = torch.arange(np_, np_ + len(r))
-            segment[k, s:e] = m + 1
-            row_index[i] = k
+            input_ids[row, s:e] = resp
+            position_ids[row, s:e] = torch.arange(np_, np_ + len(r))
+            segment[row, s:e] = m + 1
+            row_index[i] = row
+            group_index[i] = k
             token_index[i, : len(r)] = torch.arange(s, e)
-            logit_index[i, 0] = np_ - 1
+            logit_index[i, 0] = c0 + np_ - 1
             logit_index[i, 1 : len(r)] = torch.arange(s, e - 1)
             targets[i, : len(r)] = resp
             s = e
+        offset += seq_len[k]
 
     return PackedGroups(
         input_ids=input_ids,
         position_ids=position_ids,
         segment=segment,
+        column_group=column_group,
         row_index=row_index,
+        group_index=group_index,
+        group_start=group_start,
         token_index=token_index,
         logit_index=logit_index,
         targets=targets,
@@ -227,13 +256,13 @@ def pack_groups(
 
 
 def pack_plan(ids: list[list[int]], starts: list[int], ends: list[int], plan: list[list[int]],
-              group_of: list[int]) -> list[tuple[torch.Tensor, PackedGroups]]:
+              group_of: list[int], one_row: bool = False) -> list[tuple[torch.Tensor, PackedGroups]]:
     """(rows, packed) per micro-batch of ``plan``: row r of ``ids`` (prompt ``[:starts[r]]``, response
-    ``[starts[r]:ends[r]]``) packed by its group ``group_of[r]``."""
+    ``[starts[r]:ends[r]]``) packed by its group ``group_of[r]`` (``one_row``: see ``pack_groups``)."""
     out = []
     for rows in plan:
         packed = pack_groups([ids[r][:starts[r]] for r in rows], [ids[r][starts[r]:ends[r]] for r in rows],
-                             [group_of[r] for r in rows], pad_id=0)
+                             [group_of[r] for r in rows], pad_id=0, one_row=one_row)
         out.append((torch.tensor(rows, dtype=torch.long), packed))
     return out
 
@@ -303,7 +332,7 @@ def shared_prefix_log_probs(
     if uses_grouped_attention(_hf_config(model)):
         # the layout replaces the [L x L] mask; a 4D placeholder keeps transformers from building its own
         extra = {"prefix_groups": grouped_layout(packed, dtype),
-                 "attention_mask": torch.zeros((packed.n_groups, 1, 1, 1), dtype=dtype, device=device)}
+                 "attention_mask": torch.zeros((packed.n_rows, 1, 1, 1), dtype=dtype, device=device)}
     else:
         extra = {"attention_mask": packed.additive_mask(dtype, device)}
     # logits only at the (row, column) pairs that predict a real response token: [N, V]
