@@ -172,9 +172,10 @@ class LearnerConfig:
     # one packed row per prompt group (the prompt computed once, not G times; block attention mask,
     # Prefix Grouper): same log-probs and gradients as separate rows (tested), fewer tokens
     shared_prefix: bool = False
-    # the packed rows' attention: grouped (two SDPA calls per layer, the prompt's and each response's against
-    # [prompt | itself], no [L x L] mask; llama / qwen2 / qwen3 / mistral) | masked (the model's own attention
-    # with the [L x L] block mask). Same values and gradients (tested); grouped computes fewer scores
+    # the packed groups' attention: grouped (two SDPA calls per layer, the prompts' and each response's
+    # against [prompt | itself], no [L x L] mask, and a micro-batch's groups in one unpadded row; llama /
+    # qwen2 / qwen3 / mistral) | masked (the model's own attention with a block mask, one right-padded row
+    # per group). Same values and gradients (tested); grouped computes fewer scores and no padding
     shared_prefix_attention: str = "grouped"
     # > 0: micro-batches by padded tokens instead of micro_batch_size sequences (verl use_dynamic_bsz):
     # length-sorted rows (with shared_prefix: packed prompt groups) are added while rows x longest row

@@ -108,3 +108,19 @@ def test_packed_prompt_groups_count_their_packed_positions(tiny_llama, port):
     stats = learner.update(_batch([prompts[0], prompts[0]], responses))
     assert learner.last_gemm_work == [(10, 8)]
     assert stats["perf/forward_tokens_per_s"] * stats["perf/update_s"] == pytest.approx(10)
+
+
+def test_update_counts_its_page_faults(tiny_llama, port, monkeypatch):
+    """perf/update_page_faults: the process's minor page faults during the update (getrusage before and
+    after: 100 then 350 -> 250)."""
+    from hicra_rl.learner import engine
+    from hicra_rl.learner.engine import PolicyLearner
+
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
+                            master_port=port + 2)
+    batch = _batch(*random_rows(5, [2, 3], [4, 2]))
+    assert learner.update(batch)["perf/update_page_faults"] >= 0   # the real counter
+    counts = iter([100, 350])
+    monkeypatch.setattr(engine, "resource", types.SimpleNamespace(
+        RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_minflt=next(counts))))
+    assert learner.update(batch)["perf/update_page_faults"] == 250.0

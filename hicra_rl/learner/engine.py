@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import random
+import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -363,6 +364,7 @@ class PolicyLearner:
         self.step_stats = []
         gemm_work = []
         t0, cpu0 = time.perf_counter(), time.process_time()
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         tokens = forward_tokens = 0.0
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.mini_batches_per_step):
@@ -392,6 +394,7 @@ class PolicyLearner:
         # CPU seconds of this process over (wall seconds x torch threads), rank 0: on a CPU learner, below ~0.98
         # means other processes took its cores during the update (on a GPU learner it is the host's share)
         stats["perf/update_cpu_util"] = cpu_s / max(elapsed * torch.get_num_threads(), 1e-9)
+        stats["perf/update_page_faults"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
         self.updates += 1
         self.last_gemm_work = gemm_work
         stats.update(self._gflops_stats(elapsed, forward_tokens))

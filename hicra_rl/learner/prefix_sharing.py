@@ -2,7 +2,8 @@
 
 GRPO samples every prompt G times, so a per-row forward of ``prompt + response`` computes each prompt
 G times. Here one packed row per group holds the prompt once and then the group's responses one after
-another (the idea of Prefix Grouper, arXiv 2506.05433)::
+another (the idea of Prefix Grouper, arXiv 2506.05433); with ``one_row`` all groups of a micro-batch
+follow each other in a single unpadded row (for the prefix-grouped attention)::
 
     input_ids      p0 p1 p2 | a0 a1 a2 | b0 b1 | pad
     position_ids    0  1  2 |  3  4  5 |  3  4 |  0      (every response continues from len(prompt))
