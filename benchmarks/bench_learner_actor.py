@@ -1,6 +1,6 @@
 """The learner in a Ray actor (as ``hicra-train`` starts it) against the same learner in this plain process.
 
-    python benchmarks/bench_learner_actor.py [--rounds 6] [--cold-start DIR] [--rollouts DIR]
+    python benchmarks/bench_learner_actor.py [--rounds 6] [--publish] [--cold-start DIR] [--rollouts DIR]
 
 Inside a training run the learner's update reaches fewer GFLOP/s than ``bench_learner.py`` measures in a
 plain process. This separates the actor shell from the rest of the fleet: a local Ray (as ``cluster=local_cpu``
@@ -8,8 +8,9 @@ starts it) runs one ``LearnerWorker`` actor (one CPU of Ray's accounting, torch 
 driver gives a single rank), and this process builds a second learner with the same config and cold start.
 No vLLM engine, verifier or metrics actor runs. Each round updates both on the same real batch
 (``bench_learner``'s dumped steps, one per round in turn), one after the other, alternating which goes
-first, and prints their forward tokens/s, update seconds and ``perf/update_cpu_util``; then the median of
-actor / plain over the rounds. The two learners take the same optimizer steps on the same batches, so each
+first, and prints their forward tokens/s, update seconds, ``perf/update_cpu_util`` and ``perf/update_page_faults``; then the
+median of actor / plain over the rounds. ``--publish``: after each update the actor also exports its weights
+as a training step does (``publish_weights``, then ``release_weights``), the plain learner does not. The two learners take the same optimizer steps on the same batches, so each
 round compares the same work.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--cold-start", default=DEFAULT_COLD_START)
     parser.add_argument("--rollouts", default=DEFAULT_ROLLOUTS, help="a run's rollouts/ folder (dump_rollouts)")
+    parser.add_argument("--publish", action="store_true", help="the actor exports its weights after each update")
     args = parser.parse_args()
     import ray
 
@@ -54,10 +56,13 @@ def main() -> None:
         stats = {}
         for who in (("actor", "plain") if r % 2 == 0 else ("plain", "actor")):
             stats[who] = ray.get(actor.update.remote(batch))[0] if who == "actor" else plain.update(batch)
+            if who == "actor" and args.publish:
+                ray.get(actor.release_weights.remote(ray.get(actor.publish_weights.remote())))
         rate = {k: v["perf/forward_tokens_per_s"] for k, v in stats.items()}
         ratios.append(rate["actor"] / rate["plain"])
         print(" | ".join(f"{k} {rate[k]:4.0f} forward tokens/s, {stats[k]['perf/update_s']:5.1f} s, util "
-                         f"{stats[k]['perf/update_cpu_util']:.2f}" for k in ("actor", "plain"))
+                         f"{stats[k]['perf/update_cpu_util']:.2f}, {stats[k]['perf/update_page_faults'] / 1e3:4.0f}k "
+                         "page faults" for k in ("actor", "plain"))
               + f" | actor / plain {ratios[-1]:.3f}", flush=True)
     print(f"actor / plain: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) "
           f"over {len(ratios)} rounds")
