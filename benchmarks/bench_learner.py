@@ -102,11 +102,11 @@ def dumped_batches(cold_start: str, folder: str = DEFAULT_ROLLOUTS) -> list[dict
 
 
 def plan_gemm_shapes(cfg, plan, lengths: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Every matrix multiply (``hicra_rl.learner.flops.linear_gemm_shapes``) of a shared-prefix plan ((rows,
+    """Every matrix multiply (``hicra_rl.learner.flops.update_gemm_shapes``) of a shared-prefix plan ((rows,
     packed) pairs, as ``pack_plan`` gives them), ``lengths`` the responses' lengths."""
-    from hicra_rl.learner.flops import linear_gemm_shapes
+    from hicra_rl.learner.flops import update_gemm_shapes
 
-    return [s for rows, packed in plan for s in linear_gemm_shapes(cfg, packed.padded_tokens, int(lengths[rows].sum()))]
+    return update_gemm_shapes(cfg, [(packed.padded_tokens, int(lengths[rows].sum())) for rows, packed in plan])
 
 
 def main() -> None:
@@ -120,7 +120,7 @@ def main() -> None:
     from bench_step import gemm_gflops
     from transformers import AutoConfig
 
-    from hicra_rl.learner.flops import gemm_flops, linear_gemm_shapes
+    from hicra_rl.learner.flops import gemm_flops, update_gemm_shapes
 
     cfg = AutoConfig.from_pretrained(args.cold_start)
     learner = default_learner(args.cold_start, args.port, gemm_reference_every=1)
@@ -137,8 +137,7 @@ def main() -> None:
         batch = batches[r % len(batches)]
         stats = learner.update(batch)   # learner.gemm_reference_every=1: its GEMMs are timed right after it
         rate, ref_rate = stats["perf/update_gflops"], stats["perf/gemm_reference_gflops"]
-        shapes = [s for positions, tokens in learner.last_gemm_work for s in linear_gemm_shapes(cfg, positions, tokens)]
-        gemm_s = gemm_flops(shapes) / ref_rate / 1e9   # the products' own time (not their operands' set-up)
+        gemm_s = gemm_flops(update_gemm_shapes(cfg, learner.last_gemm_work)) / ref_rate / 1e9   # the products' own time (not their operands' set-up)
         single = gemm_gflops(cfg.hidden_size, cfg.intermediate_size, 1024, torch.get_num_threads())
         ratios.append(stats["perf/update_vs_gemm"])
         single_ratios.append(rate / single)

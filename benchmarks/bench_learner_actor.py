@@ -8,10 +8,11 @@ starts it) runs one ``LearnerWorker`` actor (one CPU of Ray's accounting, torch 
 driver gives a single rank), and this process builds a second learner with the same config and cold start.
 No vLLM engine, verifier or metrics actor runs. Each round updates both on the same real batch
 (``bench_learner``'s dumped steps, one per round in turn), one after the other, alternating which goes
-first, and prints their forward tokens/s, update seconds, ``perf/update_cpu_util`` and ``perf/update_page_faults``; then the
-median of actor / plain over the rounds. ``--publish``: after each update the actor also exports its weights
-as a training step does (``publish_weights``, then ``release_weights``), the plain learner does not. The two learners take the same optimizer steps on the same batches, so each
-round compares the same work.
+first, and prints their forward tokens/s, update seconds, ``perf/update_cpu_util`` and
+``perf/update_page_faults``; then the median of actor / plain over the rounds. The two learners take the
+same optimizer steps on the same batches, so each round compares the same work. ``--publish``: after each
+update the actor also exports its weights as a training step does (``publish_weights``, then
+``release_weights``); the plain learner does not.
 """
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ def test_gemm_shapes_of_one_micro_batch_by_hand():
     assert shapes[18:21] == [(5, 6, 4), (5, 4, 6), (4, 5, 6)]
     assert shapes[21:42] == shapes[:21]                         # the second layer
     assert shapes[42:] == [(3, 4, 10), (3, 10, 4), (10, 3, 4)]  # the vocabulary projection at 3 tokens
+    # an update's micro-batches one after another
+    assert flops.update_gemm_shapes(SMALL, [(5, 3), (2, 1)]) == shapes + flops.linear_gemm_shapes(SMALL, 2, 1)
     # per layer the weights are 16 + 8 + 8 + 16 + 24 + 24 + 24 = 120: 3 products x 2 x 5 x 120 = 3600 a layer,
     # and 3 x 2 x 3 x 40 = 720 for the head
     assert flops.gemm_flops(shapes) == 2 * 3600 + 720

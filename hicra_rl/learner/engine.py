@@ -32,7 +32,7 @@ from hicra_rl.algo.logprobs import logprobs_and_entropy
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
 from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
-from hicra_rl.learner.flops import gemm_flops, linear_gemm_shapes, matrix_weights, time_gemms, useful_flops
+from hicra_rl.learner.flops import gemm_flops, matrix_weights, time_gemms, update_gemm_shapes, useful_flops
 from hicra_rl.learner.grouped_attention import enable_grouped_attention
 from hicra_rl.learner.micro_batches import plan_fixed_size, plan_token_budget
 from hicra_rl.learner.prefix_sharing import PackedGroups, group_ids_by_prompt, pack_plan, shared_prefix_log_probs
@@ -410,11 +410,9 @@ class PolicyLearner:
         out = {"perf/update_gflops": rate}
         every = self.cfg.gemm_reference_every
         if every and self.updates % every == 0:
-            shapes = [s for positions, tokens in self.last_gemm_work
-                      for s in linear_gemm_shapes(self.model_config, positions, tokens)]
-            dtype = next(self.engine.module.parameters()).dtype
+            shapes = update_gemm_shapes(self.model_config, self.last_gemm_work)
             t0 = time.perf_counter()
-            reference = gemm_flops(shapes) / max(time_gemms(shapes, dtype, self.device), 1e-9) / 1e9
+            reference = gemm_flops(shapes) / max(time_gemms(shapes, DTYPES[self.dtype], self.device), 1e-9) / 1e9
             out["perf/gemm_reference_gflops"] = reference
             out["perf/update_vs_gemm"] = rate / reference
             out["perf/gemm_reference_s"] = time.perf_counter() - t0
@@ -471,22 +469,20 @@ class PolicyLearner:
         summed: dict[str, float] = {}
         weighted: dict[str, float] = {}
         plan = self._plan_micro_batches(input_ids, starts, lengths)
-        real_tokens = padded_tokens = 0.0
+        real_tokens = 0.0
         self.last_gemm_work = []
         for i, (rows, packed) in enumerate(plan):
             if packed is None:
                 logp, ent = self._response_log_probs(engine, input_ids[rows], attention_mask[rows], starts[rows],
                                                      lengths[rows], width)
                 real_tokens += float((starts[rows] + lengths[rows]).sum())
-                padded_tokens += len(rows) * float((starts[rows] + lengths[rows]).max())
-                self.last_gemm_work.append((len(rows) * int((starts[rows] + lengths[rows]).max()),
-                                        int(lengths[rows].sum())))
+                positions = len(rows) * int((starts[rows] + lengths[rows]).max())
             else:
                 logp, ent = shared_prefix_log_probs(engine, packed.to(self.device), width, self.logits_temperature,
                                                     self.cfg.logprob_chunk_size)
                 real_tokens += packed.n_tokens
-                padded_tokens += packed.padded_tokens
-                self.last_gemm_work.append((int(packed.padded_tokens), int(lengths[rows].sum())))
+                positions = packed.padded_tokens
+            self.last_gemm_work.append((positions, int(lengths[rows].sum())))
             mb_mask = mask[rows].to(self.device)
             mb = MicroBatch(logp, ent, mb_mask, rows, n_tok, n_seq, self.device)
             loss, mb_summed, mb_means = loss_fn(mb)
@@ -520,7 +516,7 @@ class PolicyLearner:
         out["grad_norm"] = grad_norm
         out["nonfinite_skipped"] = float(skipped)
         out["n_tokens"] = n_tok
-        out["padding_frac"] = 1.0 - real_tokens / max(padded_tokens, 1.0)
+        out["padding_frac"] = 1.0 - real_tokens / max(sum(p for p, _ in self.last_gemm_work), 1.0)
         out["forward_tokens"] = real_tokens
         out["micro_batches"] = float(len(plan))
         return out

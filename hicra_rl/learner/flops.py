@@ -32,6 +32,12 @@ def linear_gemm_shapes(model_config, positions: int, head_tokens: int) -> list[S
     return layer * c.num_hidden_layers + [(head_tokens, h, v), (head_tokens, v, h), (v, head_tokens, h)]
 
 
+def update_gemm_shapes(model_config, work: list[tuple[int, int]]) -> list[Shape]:
+    """``linear_gemm_shapes`` of every micro-batch of an update, ``work`` its (padded positions, response
+    tokens) pairs (``PolicyLearner.last_gemm_work``)."""
+    return [s for positions, head_tokens in work for s in linear_gemm_shapes(model_config, positions, head_tokens)]
+
+
 def matrix_weights(module: torch.nn.Module, model_config) -> tuple[int, int]:
     """(decoder weights in matrices, vocabulary projection weights): the 2-D parameters other than the token
     embedding and the output head, and vocab x hidden.  ZeRO-3 partitioned parameters count whole."""
