@@ -1,6 +1,7 @@
 """The learner in a Ray actor (as ``hicra-train`` starts it) against the same learner in this plain process.
 
-    python benchmarks/bench_learner_actor.py [--rounds 6] [--publish] [--cold-start DIR] [--rollouts DIR]
+    python benchmarks/bench_learner_actor.py [--rounds 6] [--publish] [--keep-freed-memory]
+                                             [--actor-env KEY=VALUE ...] [--cold-start DIR] [--rollouts DIR]
 
 Inside a training run the learner's update reaches fewer GFLOP/s than ``bench_learner.py`` measures in a
 plain process. This separates the actor shell from the rest of the fleet: a local Ray (as ``cluster=local_cpu``
@@ -9,10 +10,13 @@ driver gives a single rank), and this process builds a second learner with the s
 No vLLM engine, verifier or metrics actor runs. Each round updates both on the same real batch
 (``bench_learner``'s dumped steps, one per round in turn), one after the other, alternating which goes
 first, and prints their forward tokens/s, update seconds, ``perf/update_cpu_util`` and
-``perf/update_page_faults``; then the median of actor / plain over the rounds. The two learners take the
+``perf/update_page_faults`` and ``perf/update_sys_frac`` (the kernel's share of the learner's CPU); then the median of actor / plain over the rounds. The two learners take the
 same optimizer steps on the same batches, so each round compares the same work. ``--publish``: after each
 update the actor also exports its weights as a training step does (``publish_weights``, then
-``release_weights``); the plain learner does not.
+``release_weights``); the plain learner does not. ``--keep-freed-memory``: the actor's process starts with
+``cluster.learner_keep_freed_memory``'s glibc settings (the CPU default of a training run); this process keeps
+glibc's defaults. ``--actor-env KEY=VALUE`` (repeatable) sets any other environment variable in the actor's
+process only, as ``cluster.learner_env`` does in a training run (e.g. another allocator through ``LD_PRELOAD``).
 """
 from __future__ import annotations
 
@@ -36,7 +40,18 @@ def main() -> None:
     parser.add_argument("--cold-start", default=DEFAULT_COLD_START)
     parser.add_argument("--rollouts", default=DEFAULT_ROLLOUTS, help="a run's rollouts/ folder (dump_rollouts)")
     parser.add_argument("--publish", action="store_true", help="the actor exports its weights after each update")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="the actor keeps freed memory in glibc's heap (cluster.learner_keep_freed_memory)")
+    parser.add_argument("--actor-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the actor's process only (repeatable)")
     args = parser.parse_args()
+    bad = [kv for kv in args.actor_env if "=" not in kv]
+    if bad:
+        parser.error(f"--actor-env takes KEY=VALUE, got {bad[0]!r}")
+    from hicra_rl.config import KEEP_FREED_MEMORY_ENV
+
+    actor_env = {**(KEEP_FREED_MEMORY_ENV if args.keep_freed_memory else {}),
+                 **dict(kv.split("=", 1) for kv in args.actor_env)}
     import ray
 
     from hicra_rl import cluster
@@ -44,14 +59,16 @@ def main() -> None:
 
     cluster.connect(None, 8)   # conf/cluster/local_cpu.yaml: num_cpus 8, cpus_per_actor 1
     threads = os.cpu_count() or 1
-    actor = ray.remote(LearnerWorker).options(num_cpus=1).remote(0, 1, threads)
+    options = dict(num_cpus=1, runtime_env={"env_vars": actor_env}) if actor_env else dict(num_cpus=1)
+    actor = ray.remote(LearnerWorker).options(**options).remote(0, 1, threads)
     ray.get(actor.build.remote(default_learner_config(), "127.0.0.1", 29703, 600.0, model_path=args.cold_start))
     plain = default_learner(args.cold_start, 29704)
     batches = dumped_batches(args.cold_start, args.rollouts)
     ray.get(actor.update.remote(default_batch(0)))   # warm-up, both
     plain.update(default_batch(0))
     ratios = []
-    print(f"{threads} torch threads each; the dumped steps of {args.rollouts}")
+    print(f"{threads} torch threads each; the dumped steps of {args.rollouts}"
+          + (f"; the actor's environment adds {actor_env}" if actor_env else ""))
     for r in range(args.rounds):
         batch = batches[r % len(batches)]
         stats = {}
@@ -63,7 +80,7 @@ def main() -> None:
         ratios.append(rate["actor"] / rate["plain"])
         print(" | ".join(f"{k} {rate[k]:4.0f} forward tokens/s, {stats[k]['perf/update_s']:5.1f} s, util "
                          f"{stats[k]['perf/update_cpu_util']:.2f}, {stats[k]['perf/update_page_faults'] / 1e3:4.0f}k "
-                         "page faults" for k in ("actor", "plain"))
+                         f"page faults, kernel {stats[k]['perf/update_sys_frac']:.1%}" for k in ("actor", "plain"))
               + f" | actor / plain {ratios[-1]:.3f}", flush=True)
     print(f"actor / plain: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) "
           f"over {len(ratios)} rounds")

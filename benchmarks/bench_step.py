@@ -4,11 +4,13 @@
 
 Runs ``hicra-train`` twice from the same cold start on the CPU default (16 prompts x 4, HICRA):
 - old path: the separate old-log-prob forward, one row per response in micro-batches of 4, SmolLM2's
-  default system prompt, vLLM's default CPU binding, ZeRO-2 on the one rank (``learner.old_log_prob_forward=always
-  learner.shared_prefix=false learner.micro_batch_size=4 data.system_prompt=null rollout.cpu_threads=null
-  learner.zero_stage=2``);
+  default system prompt, vLLM's default CPU binding, ZeRO-2 on the one rank, glibc's default allocator in the
+  learner (``learner.old_log_prob_forward=always learner.shared_prefix=false learner.micro_batch_size=4
+  data.system_prompt=null rollout.cpu_threads=null learner.zero_stage=2
+  cluster.learner_keep_freed_memory=false``);
 - new path: the defaults (no old-log-prob forward on-policy, prompt groups packed into one row each in
-  micro-batches of 16 responses, empty system prompt, vLLM on all cores), plus
+  micro-batches of 16 responses, empty system prompt, vLLM on all cores, freed memory kept in the learner's
+  heap: ``cluster.learner_keep_freed_memory``), plus
   ``learner.gemm_reference_every=1``: after each update the learner times every GEMM that update ran, at its
   shapes, back to back (perf/gemm_reference_gflops), in the same run and minute; those seconds are taken
   out of the new path's step and update times.
@@ -34,7 +36,8 @@ import time
 from pathlib import Path
 
 OLD = ["learner.old_log_prob_forward=always", "learner.shared_prefix=false", "learner.micro_batch_size=4",
-       "data.system_prompt=null", "rollout.cpu_threads=null", "learner.zero_stage=2"]
+       "data.system_prompt=null", "rollout.cpu_threads=null", "learner.zero_stage=2",
+       "cluster.learner_keep_freed_memory=false"]
 STAGES = ("generate", "reward", "tag_and_advantage", "old_log_probs", "update", "sync", "step")
 
 

@@ -6,8 +6,9 @@ them.  ``validate`` runs once at start and fails fast with messages naming the o
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -239,10 +240,25 @@ class ClusterConfig:
     step_timeout_s: float = 1800.0
     collective_timeout_s: float = 600.0
     torch_threads: Optional[int] = None
+    # the learner ranks' processes keep freed memory in glibc's heap instead of handing it back to the kernel
+    # (KEEP_FREED_MEMORY_ENV; the CPU default: see conf/cluster/local_cpu.yaml)
+    learner_keep_freed_memory: bool = False
+    # more environment variables of the learner ranks' processes only (set when Ray starts them)
+    learner_env: Dict[str, str] = field(default_factory=dict)
     # fault tolerance: how often a blocked call checks that its rollout workers / verifiers are alive, and
     # how many dead ones one call may restart before the run fails naming them
     health_check_s: float = 10.0
     max_restarts_per_call: int = 2
+
+
+# glibc: no block through its own mmap (each would be unmapped when freed), no trimming of the heap's top
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+
+
+def learner_process_env(c: ClusterConfig) -> dict[str, str]:
+    """Environment variables a learner rank's process starts with: ``KEEP_FREED_MEMORY_ENV`` if
+    ``learner_keep_freed_memory``, then ``learner_env`` (which wins)."""
+    return {**(KEEP_FREED_MEMORY_ENV if c.learner_keep_freed_memory else {}), **dict(c.learner_env)}
 
 
 @dataclass
@@ -419,6 +435,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates", "must be >= 1")
     _check(c.health_check_s > 0, "cluster.health_check_s", "must be > 0")
     _check(c.max_restarts_per_call >= 0, "cluster.max_restarts_per_call", "must be >= 0")
+    for name in c.learner_env:
+        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None, f"cluster.learner_env.{name}",
+               "is not an environment variable name (letters, digits and _, not starting with a digit)")
     _check(t.save_every >= 0 and t.eval_every >= 0, "trainer.save_every", "must be >= 0")
     _check(t.resume in ("auto", "never") or os.path.isdir(t.resume), "trainer.resume",
            f"{t.resume!r} is neither auto/never nor an existing checkpoint directory")

@@ -30,7 +30,7 @@ import torch
 from hicra_rl import leftovers
 from hicra_rl.algo import hicra_step_advantages
 from hicra_rl.batch import RolloutBatch, pad_ragged
-from hicra_rl.config import TrainConfig, as_plain_dict, lexicon_path, policy_loss_config
+from hicra_rl.config import TrainConfig, as_plain_dict, learner_process_env, lexicon_path, policy_loss_config
 from hicra_rl.evaluation import evaluate
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 from hicra_rl.learner.sequences import build_sequences
@@ -231,7 +231,8 @@ class Trainer:
                         "the previous policy as on-policy (consider algorithm.rollout_correction=token_tis)",
                         cfg.rollout.staleness)
         threads = cl.torch_threads or max(1, (os.cpu_count() or 1) // lc.num_ranks)
-        ranks = [session.start(f"learner{i}", LearnerWorker, i, lc.num_ranks, threads) for i in range(lc.num_ranks)]
+        ranks = [session.start(f"learner{i}", LearnerWorker, i, lc.num_ranks, threads, _env=learner_process_env(cl))
+                 for i in range(lc.num_ranks)]
         self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device)
         timeout = cl.actor_start_timeout_s
         addr, port = cluster.bounded_get(ranks[0].address.remote(), timeout, "learner rank 0 (address)")

@@ -344,13 +344,18 @@ class FleetSession:
         return dict(scheduling_strategy=self.reservation.strategy(name), num_cpus=b.get("CPU", 0),
                     num_gpus=b.get("GPU", 0))
 
-    def start(self, name: str, cls, *args, _max_concurrency: int = 1, **kwargs):
-        """Start actor ``cls(*args, **kwargs)`` in bundle ``name``; it is closed and killed at exit."""
+    def start(self, name: str, cls, *args, _max_concurrency: int = 1, _env: dict[str, str] | None = None,
+              **kwargs):
+        """Start actor ``cls(*args, **kwargs)`` in bundle ``name``; it is closed and killed at exit. ``_env``:
+        environment variables of that actor's process only (Ray merges them into the job's)."""
         import ray
 
-        actor = ray.remote(cls).options(max_concurrency=_max_concurrency, **self.options(name)).remote(*args, **kwargs)
+        options = self.options(name)
+        if _env:
+            options["runtime_env"] = {"env_vars": dict(_env)}
+        actor = ray.remote(cls).options(max_concurrency=_max_concurrency, **options).remote(*args, **kwargs)
         self.actors[name] = actor
-        self.specs[name] = (cls, args, kwargs, _max_concurrency)
+        self.specs[name] = (cls, args, kwargs, _max_concurrency, _env)
         return actor
 
     def restart(self, name: str):
@@ -365,8 +370,8 @@ class FleetSession:
         old = self.actors.pop(name)
         ray.kill(old, no_restart=True)
         self._clean_up_after(name)
-        cls, args, kwargs, conc = self.specs[name]
-        actor = self.start(name, cls, *args, _max_concurrency=conc, **kwargs)
+        cls, args, kwargs, conc, env = self.specs[name]
+        actor = self.start(name, cls, *args, _max_concurrency=conc, _env=env, **kwargs)
         ready = actor.ready if hasattr(cls, "ready") else actor.health
         _bounded_get(ready.remote(), self.cluster_cfg.actor_start_timeout_s, f"{name} (restart)")
         return actor

@@ -373,3 +373,23 @@ def test_comparison_preset_composes_for_every_algorithm(hydra_conf):
         assert cfg.trainer.run_dir == f"runs/compare_cpu/{algorithm}-s2"
         assert (cfg.eval_data.size, cfg.eval_data.seed, cfg.trainer.eval_every, cfg.trainer.total_steps) == (128, 0, 5, 10)
         assert not cfg.learner.shared_prefix and cfg.learner.micro_batch_size == 4
+
+
+def test_learner_process_env_composes_from_the_cpu_default_and_rejects_bad_names(hydra_conf):
+    """cluster.learner_keep_freed_memory: on in the CPU default (glibc's two settings), off in the GPU presets
+    and in code; cluster.learner_env adds variables and wins; a name that is no environment variable fails
+    naming the key."""
+    from hicra_rl.config import learner_process_env
+
+    keep = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    assert learner_process_env(load().cluster) == keep
+    assert learner_process_env(load("cluster=single_node_gpu").cluster) == {}
+    assert learner_process_env(TrainConfig().cluster) == {}
+    assert learner_process_env(load("cluster.learner_keep_freed_memory=false").cluster) == {}
+    assert learner_process_env(load("+cluster.learner_env.OMP_PROC_BIND=close",
+                                    "+cluster.learner_env.MALLOC_MMAP_MAX_=8").cluster) == {
+        **keep, "OMP_PROC_BIND": "close", "MALLOC_MMAP_MAX_": "8"}
+    with pytest.raises(ConfigError) as err:   # as a YAML file could write it
+        to_schema(OmegaConf.create({"cluster": {"learner_env": {"LD PRELOAD": "x"}}}))
+    assert "config error at 'cluster.learner_env.LD PRELOAD'" in str(err.value)
+    assert "is not an environment variable name" in str(err.value)

@@ -188,3 +188,63 @@ def test_probe_health_reports_silence_errors_and_reasons(tmp_path):
     assert (2, "did not answer a health check within 3 s") in report
     assert probe_health({1: fine}) == []
     ray.kill(frozen)
+
+
+class MemoryProbe:
+    """Frees a 64 MiB tensor, then touches a 48 MiB one: the minor page faults that second tensor costs
+    (glibc's default maps both blocks afresh: 48 MiB / 4 KiB = 12,288 faults; with freed memory kept in the
+    heap, the second reuses the first's pages: none), and the allocator variables this process was given."""
+
+    def faults_of_a_reused_block(self):
+        import resource
+
+        import torch
+
+        def touch(mib):
+            x = torch.empty(mib * 2**20 // 4)
+            x.fill_(1.0)
+            return x
+
+        touch(64)   # allocated, touched, freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        touch(48)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return faults, {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+    def health(self):
+        return None
+
+    def close(self):
+        return None
+
+
+def test_learner_env_of_the_cpu_default_reaches_the_learner_only_and_keeps_freed_memory(tmp_path):
+    """The CPU default's learner environment (conf/cluster/local_cpu.yaml: ``cluster.learner_keep_freed_memory``)
+    is set in the process of an actor started with it, also after a restart, and not in another actor's; in the
+    first a freed block's pages are reused, in the other they are mapped afresh."""
+    from omegaconf import OmegaConf
+
+    from hicra_rl.cluster import reserve
+    from hicra_rl.config import CONF_DIR, ClusterConfig, TrainConfig, learner_process_env
+    from hicra_rl.fleet import FleetSession
+
+    cpu_default = OmegaConf.merge(OmegaConf.structured(ClusterConfig),
+                                  OmegaConf.load(os.path.join(CONF_DIR, "cluster", "local_cpu.yaml")))
+    learner_env = learner_process_env(OmegaConf.to_object(cpu_default))
+    assert learner_env == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    bundles = {"learner0": {"CPU": 0.1}, "rollout0": {"CPU": 0.1}}
+    cfg = TrainConfig()
+    session = FleetSession(model_path="", model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
+                           cluster_cfg=cfg.cluster, seed=0)
+    session.bundles, session.reservation = bundles, reserve(bundles, 60)
+    try:
+        learner = session.start("learner0", MemoryProbe, _env=learner_env)
+        other = session.start("rollout0", MemoryProbe)
+        faults, env = bounded_get(learner.faults_of_a_reused_block.remote(), 60, "probe")
+        assert env == learner_env and faults < 100, faults
+        faults, env = bounded_get(other.faults_of_a_reused_block.remote(), 60, "probe")
+        assert env == {} and faults >= 12288, faults
+        restarted = session.restart("learner0")
+        assert bounded_get(restarted.faults_of_a_reused_block.remote(), 60, "probe")[1] == learner_env
+    finally:
+        session.close(timeout_s=10)

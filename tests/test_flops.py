@@ -114,15 +114,22 @@ def test_packed_prompt_groups_count_their_packed_positions(tiny_llama, port):
 
 def test_update_counts_its_page_faults(tiny_llama, port, monkeypatch):
     """perf/update_page_faults: the process's minor page faults during the update (getrusage before and
-    after: 100 then 350 -> 250)."""
+    after: 100 then 350 -> 250); perf/update_sys_frac: the kernel's share of its CPU seconds (user 2.0 -> 5.0 s,
+    system 1.0 -> 2.0 s: 1 / (3 + 1) = 0.25); perf/learner_max_rss_gib: the peak resident memory, 3 x 2**20 KiB
+    -> 3.0 GiB."""
     from hicra_rl.learner import engine
     from hicra_rl.learner.engine import PolicyLearner
 
     learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
                             master_port=port + 2)
     batch = _batch(*random_rows(5, [2, 3], [4, 2]))
-    assert learner.update(batch)["perf/update_page_faults"] >= 0   # the real counter
-    counts = iter([100, 350])
+    real = learner.update(batch)
+    assert real["perf/update_page_faults"] >= 0 and 0 <= real["perf/update_sys_frac"] <= 1   # the real counters
+    readings = iter([(100, 2.0, 1.0, 1 * 2**20), (350, 5.0, 2.0, 3 * 2**20)])
     monkeypatch.setattr(engine, "resource", types.SimpleNamespace(
-        RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_minflt=next(counts))))
-    assert learner.update(batch)["perf/update_page_faults"] == 250.0
+        RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(
+            **dict(zip(("ru_minflt", "ru_utime", "ru_stime", "ru_maxrss"), next(readings))))))
+    stats = learner.update(batch)
+    assert stats["perf/update_page_faults"] == 250.0
+    assert stats["perf/update_sys_frac"] == pytest.approx(0.25)
+    assert stats["perf/learner_max_rss_gib"] == 3.0

@@ -138,6 +138,16 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
                                rank=rank, world_size=world_size)
 
 
+def _kernel_stats(before, after) -> dict[str, float]:
+    """This process's minor page faults between two ``getrusage`` readings, the kernel's share of its CPU
+    seconds (on CPU mostly those faults: the kernel zeroes every page a new allocation touches), and its peak
+    resident memory so far (Linux reports KiB)."""
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"perf/update_page_faults": float(after.ru_minflt - before.ru_minflt),
+            "perf/update_sys_frac": system / max(user + system, 1e-9),
+            "perf/learner_max_rss_gib": after.ru_maxrss / 2**20}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -364,7 +374,7 @@ class PolicyLearner:
         self.step_stats = []
         gemm_work = []
         t0, cpu0 = time.perf_counter(), time.process_time()
-        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
         tokens = forward_tokens = 0.0
         for _ in range(cfg.ppo_epochs):
             for m in range(cfg.mini_batches_per_step):
@@ -394,7 +404,7 @@ class PolicyLearner:
         # CPU seconds of this process over (wall seconds x torch threads), rank 0: on a CPU learner, below ~0.98
         # means other processes took its cores during the update (on a GPU learner it is the host's share)
         stats["perf/update_cpu_util"] = cpu_s / max(elapsed * torch.get_num_threads(), 1e-9)
-        stats["perf/update_page_faults"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
+        stats.update(_kernel_stats(usage0, resource.getrusage(resource.RUSAGE_SELF)))
         self.updates += 1
         self.last_gemm_work = gemm_work
         stats.update(self._gflops_stats(elapsed, forward_tokens))
