@@ -9,9 +9,10 @@ starts it) runs one ``LearnerWorker`` actor (one CPU of Ray's accounting, torch 
 driver gives a single rank), and this process builds a second learner with the same config and cold start.
 No vLLM engine, verifier or metrics actor runs. Each round updates both on the same real batch
 (``bench_learner``'s dumped steps, one per round in turn), one after the other, alternating which goes
-first, and prints their forward tokens/s, update seconds, ``perf/update_cpu_util`` and
-``perf/update_page_faults`` and ``perf/update_sys_frac`` (the kernel's share of the learner's CPU); then the median of actor / plain over the rounds. The two learners take the
-same optimizer steps on the same batches, so each round compares the same work. ``--publish``: after each
+first, and prints their forward tokens/s, update seconds, ``perf/update_cpu_util``,
+``perf/update_page_faults`` and ``perf/update_sys_frac`` (the kernel's share of the learner's CPU); then the
+median of actor / plain over the rounds. The two learners take the same optimizer steps on the same batches,
+so each round compares the same work. ``--publish``: after each
 update the actor also exports its weights as a training step does (``publish_weights``, then
 ``release_weights``); the plain learner does not. ``--keep-freed-memory``: the actor's process starts with
 ``cluster.learner_keep_freed_memory``'s glibc settings (the CPU default of a training run); this process keeps
@@ -48,10 +49,10 @@ def main() -> None:
     bad = [kv for kv in args.actor_env if "=" not in kv]
     if bad:
         parser.error(f"--actor-env takes KEY=VALUE, got {bad[0]!r}")
-    from hicra_rl.config import KEEP_FREED_MEMORY_ENV
+    from hicra_rl.config import ClusterConfig, learner_process_env
 
-    actor_env = {**(KEEP_FREED_MEMORY_ENV if args.keep_freed_memory else {}),
-                 **dict(kv.split("=", 1) for kv in args.actor_env)}
+    actor_env = learner_process_env(ClusterConfig(learner_keep_freed_memory=args.keep_freed_memory,
+                                                  learner_env=dict(kv.split("=", 1) for kv in args.actor_env)))
     import ray
 
     from hicra_rl import cluster

@@ -1,11 +1,12 @@
 """Rollout throughput and weight-sync time of the vLLM engine (default: SmolLM2-135M-Instruct, fp32).
 
-    python benchmarks/bench_rollout.py [--model smollm2-135m-instruct] [--batches 16 64] [--max-tokens 64] [--compile]
+    python benchmarks/bench_rollout.py [--model smollm2-135m-instruct] [--batches 16 64] [--max-tokens 64]
+                                       [--compile]
 
 Batch B = B/G GSM8K test questions (chat template) x G samples each (GRPO-style, G=4), T=1.0.
 Tokens/s counts the tokens actually generated (EOS ends a response early).  Sync = the learner's full
-HF state dict written to /dev/shm and reloaded in place by vLLM, repeated ``--syncs`` times. ``--compile``: vLLM's compiled model
-(``rollout.enforce_eager=false``; on CPU the default is eager).
+HF state dict written to /dev/shm and reloaded in place by vLLM, repeated ``--syncs`` times.
+``--compile``: vLLM's compiled model (``rollout.enforce_eager=false``; on CPU the default is eager).
 """
 from __future__ import annotations
 
