@@ -1,9 +1,13 @@
 """``hicra-report``: figures, a Markdown table and a JSON summary comparing training runs (HICRA vs GRPO vs
 entropy regularisation ...), in the style of the paper's training-dynamics figures.
 
-Runs are grouped by ``config.json``'s ``algorithm.name``; each figure line is the mean over an algorithm's
-seeds with a min–max band. The table gives final / best held-out Pass@1 per algorithm and the paired
-(by seed) difference of final Pass@1 against GRPO with a 95% confidence interval. See docs/report.md.
+Runs are grouped by ``config.json``'s ``algorithm.name`` (split by ``algorithm.hicra_alpha`` and
+``data.name`` when the runs have several); each figure line is the mean over a group's seeds with a
+min–max band. The table gives final / best held-out Pass@1 per group and the paired (by seed) difference
+of final Pass@1 against GRPO with a 95% confidence interval (a bootstrap over crossed seeds × problems).
+Runs that log ``strategy/share=<name>`` also get ``strategy_share.png`` and ``strategy_slopes.md``: the
+better strategy's log-odds slope per run and the HICRA / GRPO slope ratio against 1 + α(1 − 2p̄).
+See docs/report.md.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,14 @@ class Run:
     seed: int | None
     metrics: dict[int, dict[str, float]]
     evals: dict[int, EvalResult] = field(default_factory=dict)
+    alpha: float | None = None  # algorithm.hicra_alpha
+    data: str | None = None  # data.name
+    arm: str = ""  # algorithm, with " α=<alpha>" when the algorithm's runs have several α (set by label_runs)
+    group: str = ""  # the report's group: arm, prefixed "<data.name>: " when the runs have several data.name
+
+    def __post_init__(self) -> None:
+        self.arm = self.arm or self.algorithm
+        self.group = self.group or self.arm
 
     @property
     def last_step(self) -> int | None:
@@ -136,8 +148,18 @@ def read_evals(run_dir: Path, metrics: dict[int, dict[str, float]]) -> dict[int,
     return dict(sorted(evals.items()))
 
 
-def read_config(run_dir: Path) -> tuple[str, int | None]:
-    """(algorithm name, seed) from the run's ``config.json``."""
+@dataclass(frozen=True)
+class RunConfig:
+    """What the report needs from a run's ``config.json``."""
+
+    algorithm: str
+    seed: int | None = None
+    alpha: float | None = None
+    data: str | None = None
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    """Algorithm name, ``trainer.seed``, ``algorithm.hicra_alpha`` and ``data.name`` from ``config.json``."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} (needed for the algorithm name)")
@@ -147,7 +169,10 @@ def read_config(run_dir: Path) -> tuple[str, int | None]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: cannot read algorithm.name ({e})") from None
     seed = (cfg.get("trainer") or {}).get("seed")
-    return str(name), (int(seed) if _finite_number(seed) else None)
+    alpha = cfg["algorithm"].get("hicra_alpha")
+    data = cfg["data"].get("name") if isinstance(cfg.get("data"), dict) else None
+    return RunConfig(str(name), int(seed) if _finite_number(seed) else None,
+                     float(alpha) if _finite_number(alpha) else None, None if data is None else str(data))
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -156,9 +181,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
-    algorithm, seed = read_config(run_dir)
+    cfg = read_config(run_dir)
     metrics = read_metrics(metrics_path)
-    return Run(run_dir, algorithm, seed, metrics, read_evals(run_dir, metrics))
+    return Run(run_dir, cfg.algorithm, cfg.seed, metrics, read_evals(run_dir, metrics), cfg.alpha, cfg.data)
 
 
 def find_run_dirs(args: list[str]) -> list[Path]:
@@ -192,13 +217,38 @@ def algorithm_sort_key(name: str) -> tuple[int, str]:
     return (ALGORITHM_ORDER.index(name) if name in ALGORITHM_ORDER else len(ALGORITHM_ORDER), name)
 
 
-def group_by_algorithm(runs: list[Run]) -> dict[str, list[Run]]:
-    """Algorithm -> its runs (sorted by seed), algorithms in the order hicra, grpo, entropy_reg, dr_grpo, others."""
-    groups: dict[str, list[Run]] = {}
+def alpha_label(algorithm: str, alpha: float | None) -> str:
+    """``hicra α=0.2``; the bare name when α is unknown."""
+    return algorithm if alpha is None else f"{algorithm} α={alpha:g}"
+
+
+def label_runs(runs: list[Run]) -> list[Run]:
+    """Copies of ``runs`` with ``arm`` and ``group`` set. An algorithm whose runs all share one α keeps its
+    bare name (``hicra``), else each run is ``hicra α=<alpha>`` so that two α values never merge; the group
+    is prefixed with ``<data.name>: `` when the runs cover several data configs."""
+    alphas: dict[str, set] = {}
     for r in runs:
-        groups.setdefault(r.algorithm, []).append(r)
-    return {a: sorted(groups[a], key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
-            for a in sorted(groups, key=algorithm_sort_key)}
+        alphas.setdefault(r.algorithm, set()).add(r.alpha)
+    several_data = len({r.data for r in runs}) > 1
+    out = []
+    for r in runs:
+        arm = r.algorithm if len(alphas[r.algorithm]) == 1 else alpha_label(r.algorithm, r.alpha)
+        out.append(replace(r, arm=arm, group=f"{r.data}: {arm}" if several_data else arm))
+    return out
+
+
+def group_sort_key(run: Run) -> tuple:
+    return (run.data is None, run.data or "", algorithm_sort_key(run.algorithm), run.alpha is None, run.alpha or 0.0)
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Group (see ``label_runs``) -> its runs (sorted by seed); groups by data.name, then in the algorithm
+    order hicra, grpo, entropy_reg, dr_grpo, hicra_adaptive, others, then by α."""
+    groups: dict[str, list[Run]] = {}
+    for r in label_runs(runs):
+        groups.setdefault(r.group, []).append(r)
+    order = sorted(groups, key=lambda g: group_sort_key(groups[g][0]))
+    return {g: sorted(groups[g], key=lambda r: (r.seed is None, r.seed or 0, str(r.path))) for g in order}
 
 
 # ------------------------------------------------------------------------------------- aggregation
@@ -285,11 +335,70 @@ def t_interval(diffs: list[float]) -> tuple[float, float] | None:
 
 def paired_bootstrap(pair_diffs: list[np.ndarray], n_boot: int = DEFAULT_BOOTSTRAP,
                      rng_seed: int = DEFAULT_RNG_SEED) -> tuple[float, float]:
-    """95% percentile interval of the mean paired difference, resampling seed pairs with replacement and,
-    within each drawn pair, its problems with replacement. ``pair_diffs[j]``: per-problem Pass@1
-    differences of seed pair j. Deterministic for a given ``rng_seed``."""
+    """95% percentile interval of the mean paired difference when seeds and problems are **crossed**
+    (every seed pair scored on the same problems): ``pair_diffs[j][p]`` is the Pass@1 difference of seed
+    pair j on problem p, problems in the same order in every pair. Deterministic for a given ``rng_seed``.
+
+    One resample draws the S seed pairs with replacement and, once for that resample, the P problems with
+    replacement, shared by every drawn pair (a two-way, "pigeonhole" bootstrap), and takes the mean of the
+    S × P drawn cells. Why: with crossed random effects d_jp = μ + a_j + b_p + e_jp, the mean over S × P
+    cells has Var ≈ σ²_seed/S + σ²_problem/P + σ²_inter/(SP). A problem that is hard for one seed pair's
+    difference is hard for every pair, so b_p does not average out over seeds; drawing problems separately
+    inside each pair would pretend it does and shrink the σ²_problem/P term to σ²_problem/(SP). The
+    bootstrap variance of this scheme is exactly v_seed/S + v_problem/P + v_inter/(SP), the population
+    variances of the table's row means, column means and residuals; its expectation counts the interaction
+    about three times (Owen 2007, "The pigeonhole bootstrap"), so the interval errs on the wide side by
+    O(σ²_inter/(SP)), small next to the other terms unless S·P is tiny.
+
+    Vectorised: with seed weights w (draw counts / S) and problem weights v (draw counts / P), the
+    resample mean is wᵀ D v. Problems are drawn first, so with identical pairs (seed resampling changes
+    nothing) the interval equals the one-pair problem bootstrap of the same ``rng_seed``."""
     if n_boot < 1 or not pair_diffs or any(d.size == 0 for d in pair_diffs):
         raise ValueError("paired_bootstrap needs n_boot >= 1 and at least one problem in each of >= 1 pairs")
+    if len({d.size for d in pair_diffs}) != 1:
+        raise ValueError("paired_bootstrap needs the same problems (in the same order) in every seed pair; "
+                         "use nested_bootstrap when problems are nested in seeds")
+    lo, hi = np.percentile(crossed_bootstrap_means(np.stack(pair_diffs), n_boot, rng_seed), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def crossed_bootstrap_means(table: np.ndarray, n_boot: int, rng_seed: int) -> np.ndarray:
+    """The ``n_boot`` resample means of ``paired_bootstrap`` for a seed pairs × problems ``table``."""
+    table = np.asarray(table, dtype=float)
+    rng = np.random.default_rng(rng_seed)
+    n_pairs = table.shape[0]
+    pair_means = _problem_resampled_pair_means(table, n_boot, rng)  # (n_boot, S): each pair under one draw
+    seed_w = rng.multinomial(n_pairs, np.full(n_pairs, 1 / n_pairs), size=n_boot) / n_pairs
+    return (seed_w * pair_means).sum(axis=1)
+
+
+def _problem_resampled_pair_means(table: np.ndarray, n_boot: int, rng: np.random.Generator,
+                                  max_cells: int = 2_000_000) -> np.ndarray:
+    """(n_boot, S): every row of ``table`` (S × P) averaged under the same problem resample per draw
+    (problem weights = multinomial draw counts / P), drawn in chunks to bound memory."""
+    n_problems = table.shape[1]
+    chunk = max(1, max_cells // n_problems)
+    probs = np.full(n_problems, 1 / n_problems)
+    parts = [rng.multinomial(n_problems, probs, size=min(chunk, n_boot - i)) @ table.T / n_problems
+             for i in range(0, n_boot, chunk)]
+    return np.concatenate(parts)
+
+
+def nested_bootstrap(pair_diffs: list[np.ndarray], n_boot: int = DEFAULT_BOOTSTRAP,
+                     rng_seed: int = DEFAULT_RNG_SEED) -> tuple[float, float]:
+    """95% percentile interval of the mean paired difference when problems are **nested** in seed pairs
+    (each pair scored on its own problems): resample seed pairs with replacement and, within each drawn
+    pair, its problems with replacement, independently per pair. Only right when the pairs' problems
+    differ; on crossed data it shrinks the problem variance by about 1/S (see ``paired_bootstrap``).
+    Deterministic for a given ``rng_seed``."""
+    if n_boot < 1 or not pair_diffs or any(d.size == 0 for d in pair_diffs):
+        raise ValueError("nested_bootstrap needs n_boot >= 1 and at least one problem in each of >= 1 pairs")
+    lo, hi = np.percentile(nested_bootstrap_means(pair_diffs, n_boot, rng_seed), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def nested_bootstrap_means(pair_diffs: list[np.ndarray], n_boot: int, rng_seed: int) -> np.ndarray:
+    """The ``n_boot`` resample means of ``nested_bootstrap``."""
     rng = np.random.default_rng(rng_seed)
     n_pairs = len(pair_diffs)
     picks = rng.integers(0, n_pairs, size=(n_boot, n_pairs))
@@ -297,9 +406,8 @@ def paired_bootstrap(pair_diffs: list[np.ndarray], n_boot: int = DEFAULT_BOOTSTR
     for slot in range(n_pairs):
         for j, diffs in enumerate(pair_diffs):
             drawn = picks[:, slot] == j
-            totals[drawn] += _resampled_means(diffs, int(drawn.sum()), rng)
-    lo, hi = np.percentile(totals / n_pairs, [2.5, 97.5])
-    return float(lo), float(hi)
+            totals[drawn] += _resampled_means(np.asarray(diffs, dtype=float), int(drawn.sum()), rng)
+    return totals / n_pairs
 
 
 def _resampled_means(values: np.ndarray, n: int, rng: np.random.Generator, max_cells: int = 2_000_000) -> np.ndarray:
@@ -318,26 +426,34 @@ def pair_by_seed(a_runs: list[Run], b_runs: list[Run]) -> tuple[list[tuple[Run, 
         seeds = [r.seed for r in runs]
         repeated = sorted({s for s in seeds if s is not None and seeds.count(s) > 1})
         if repeated:
-            notes.append(f"{runs[0].algorithm}: seeds {repeated} appear more than once, not paired")
+            notes.append(f"{runs[0].group}: seeds {repeated} appear more than once, not paired")
         if None in seeds:
-            notes.append(f"{runs[0].algorithm}: {seeds.count(None)} run(s) without trainer.seed, not paired")
+            notes.append(f"{runs[0].group}: {seeds.count(None)} run(s) without trainer.seed, not paired")
         by_seed.append({r.seed: r for r in runs if r.seed is not None and r.seed not in repeated})
     seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
     return [(by_seed[0][s], by_seed[1][s]) for s in seeds], notes
 
 
-def problem_diffs(a: EvalResult, b: EvalResult) -> np.ndarray | None:
-    """Per-problem Pass@1 differences a − b (None unless both have rows for the same problems)."""
+def problem_diffs(a: EvalResult, b: EvalResult) -> dict[str, float] | None:
+    """Problem id -> Pass@1 difference a − b (None unless both have rows for the same problems)."""
     if not a.problems or not b.problems or set(a.problems) != set(b.problems):
         return None
-    ids = sorted(a.problems)
-    return np.array([a.problems[i] - b.problems[i] for i in ids])
+    return {i: a.problems[i] - b.problems[i] for i in sorted(a.problems)}
+
+
+def problem_table(per_pair: list[dict[str, float]]) -> np.ndarray | None:
+    """Seed pairs × problems matrix of differences, problems aligned by id (sorted); None unless every
+    pair has the same problem ids (then problems are not crossed with seeds)."""
+    ids = sorted(per_pair[0])
+    if any(sorted(d) != ids for d in per_pair[1:]):
+        return None
+    return np.array([[d[i] for i in ids] for d in per_pair], dtype=float)
 
 
 def compare(a_runs: list[Run], b_runs: list[Run], n_boot: int = DEFAULT_BOOTSTRAP,
             rng_seed: int = DEFAULT_RNG_SEED) -> dict[str, Any]:
     """Paired (by seed) difference of final held-out Pass@1, algorithm a − algorithm b, with a 95% CI."""
-    a_name, b_name = a_runs[0].algorithm, b_runs[0].algorithm
+    a_name, b_name = a_runs[0].group, b_runs[0].group
     pairs, notes = pair_by_seed(a_runs, b_runs)
     out: dict[str, Any] = {"a": a_name, "b": b_name, "seeds": [a.seed for a, _ in pairs], "step": None,
                            "mean_diff": None, "diffs": [], "ci": None, "ci_method": None, "n_problems": None,
@@ -357,12 +473,21 @@ def compare(a_runs: list[Run], b_runs: list[Run], n_boot: int = DEFAULT_BOOTSTRA
 
 def confidence_interval(pairs: list[tuple[Run, Run]], step: int, diffs: list[float], n_boot: int,
                         rng_seed: int, notes: list[str]) -> dict[str, Any]:
-    """Paired bootstrap over problems and seeds when every pair has per-problem rows, else a t-interval."""
+    """Bootstrap over problems and seeds when every pair has per-problem rows (crossed when every pair has
+    the same problems, else nested, with a note), else a t-interval over the seed differences."""
     per_problem = [problem_diffs(a.evals[step], b.evals[step]) for a, b in pairs]
     if all(d is not None for d in per_problem):
-        ci = paired_bootstrap(per_problem, n_boot, rng_seed)
-        method = f"paired bootstrap over problems and seeds (B={n_boot}, rng seed {rng_seed}, percentile 2.5/97.5)"
-        return {"ci": list(ci), "ci_method": method, "n_problems": int(per_problem[0].size)}
+        boot = f"B={n_boot}, rng seed {rng_seed}, percentile 2.5/97.5"
+        table = problem_table(per_problem)
+        if table is not None:
+            ci = paired_bootstrap(list(table), n_boot, rng_seed)
+            method = f"paired bootstrap over problems and seeds, crossed: one problem resample for all pairs ({boot})"
+            return {"ci": list(ci), "ci_method": method, "n_problems": int(table.shape[1])}
+        notes.append(f"seed pairs were evaluated on different problems at step {step}: problems nested in seeds")
+        ci = nested_bootstrap([np.array(list(d.values())) for d in per_problem], n_boot, rng_seed)
+        method = f"paired bootstrap over problems and seeds, nested: problems resampled within each pair ({boot})"
+        sizes = sorted({len(d) for d in per_problem})
+        return {"ci": list(ci), "ci_method": method, "n_problems": sizes[0] if len(sizes) == 1 else None}
     notes.append(f"per-problem eval rows missing or not the same problems at step {step}: t-interval over seeds")
     ci = t_interval(diffs)
     if ci is None:
@@ -530,6 +655,40 @@ def write_figures(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     return written
 
 
+def arm_colors(arms: list[list[Run]]) -> dict[str, str]:
+    """GRPO blue, then one colour per other arm (HICRA α values from red on) in the arms' order."""
+    spare = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 10)
+    return {a[0].arm: "tab:blue" if a[0].algorithm == BASELINE else next(spare) for a in arms}
+
+
+def draw_share_panel(ax, data: str | None, arms: list[list[Run]], strategy: str | None) -> None:
+    """Share of the better strategy over steps: one line per arm (α), mean over seeds, min–max band."""
+    ax.set_title(f"data {data}: share of {strategy!r}" if strategy else f"data {data}: no better strategy",
+                 fontsize=10)
+    colors, drawn = arm_colors(arms), False
+    for runs in arms if strategy else []:
+        band = aggregate([r.series(SHARE_PREFIX + strategy) for r in runs])
+        if band is not None:
+            draw_band(ax, band, len(runs), colors[runs[0].arm], "-", f"{runs[0].arm} ({n_label(band, len(runs))})",
+                      None)
+            drawn = True
+    if not drawn:
+        mark_no_data(ax)
+        return
+    ax.set_ylim(-0.02, 1.02)
+    style_axes(ax, "share of responses")
+
+
+def write_strategy_figure(groups: dict[str, list[Run]], strategy: dict[str, Any], out: Path) -> Path:
+    """``strategy_share.png``: one panel per data config (``draw_share_panel``)."""
+    fig, axes = new_figure(len(strategy["data"]), ncols=2)
+    for ax, d in zip(axes, strategy["data"]):
+        arms = [runs for runs in groups.values() if runs[0].data == d["data"]]
+        draw_share_panel(ax, d["data"], arms, d["better_strategy"])
+    fig.suptitle(f"Share of the better strategy — {BAND_NOTE}\n{PARTIAL_NOTE}", fontsize=8)
+    return save_figure_atomic(fig, out / "strategy_share.png")
+
+
 # ------------------------------------------------------------------------------------------- table
 def fmt(v: float | None, signed: bool = False) -> str:
     return "–" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
@@ -578,17 +737,276 @@ def render_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# -------------------------------------------------------------------------- strategy dose-response
+SHARE_PREFIX = "strategy/share="
+STRATEGY_ACC_PREFIX = "strategy/accuracy="
+MIXED_ACC_KEY = "strategy/mixed_group_accuracy"
+ACCURACY_KEY = "reward/accuracy"
+SEMANTIC_ENTROPY_KEY = "strategic/semantic_entropy"
+NO_STRATEGY = "none"
+HICRA = "hicra"
+LOGIT_CLIP = 0.01  # shares are clipped to [0.01, 0.99] before the logit (0.5/N for N = 50 responses a step)
+UNDEFINED_RATIO = "GRPO slope not distinguishable from 0: ratio undefined"
+
+
+def strategy_names(runs: list[Run]) -> list[str]:
+    """Strategies with a ``strategy/share=<name>`` in any run (``none`` left out), sorted."""
+    keys = {k for r in runs for row in r.metrics.values() for k in row if k.startswith(SHARE_PREFIX)}
+    return sorted(n for n in (k[len(SHARE_PREFIX):] for k in keys) if n != NO_STRATEGY)
+
+
+def strategy_accuracies(runs: list[Run]) -> dict[str, float]:
+    """Strategy -> mean of ``strategy/accuracy=<name>`` over every (run, step) that logged it (NaN steps,
+    where no response used the strategy, are not in the metrics)."""
+    out = {}
+    for name in strategy_names(runs):
+        values = [v for r in runs for v in r.series(STRATEGY_ACC_PREFIX + name).values()]
+        if values:
+            out[name] = float(np.mean(values))
+    return out
+
+
+def better_strategy(accuracies: dict[str, float]) -> str | None:
+    """The strategy with the highest mean accuracy (ties: the first name in sorted order)."""
+    return min(accuracies, key=lambda n: (-accuracies[n], n), default=None)
+
+
+def logit(p: np.ndarray, clip: float = LOGIT_CLIP) -> np.ndarray:
+    """log(p / (1 − p)) of p clipped to [clip, 1 − clip] (a share of 0 or 1 has no finite log-odds)."""
+    p = np.clip(np.asarray(p, dtype=float), clip, 1 - clip)
+    return np.log(p / (1 - p))
+
+
+def ls_slope(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Least-squares slope of y on x (None with fewer than two distinct x)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 2 or np.ptp(x) == 0:
+        return None
+    dx = x - x.mean()
+    return float(dx @ (y - y.mean()) / (dx @ dx))
+
+
+def share_slope(run: Run, strategy: str) -> float | None:
+    """Slope over steps of logit(share of ``strategy``) for one run."""
+    series = run.series(SHARE_PREFIX + strategy)
+    return ls_slope(np.array(list(series)), logit(np.array(list(series.values())))) if series else None
+
+
+def series_mean(series: dict[int, float]) -> float | None:
+    return float(np.mean(list(series.values()))) if series else None
+
+
+def mean_accuracy(run: Run) -> tuple[float | None, str | None]:
+    """(p̄, its key): ``strategy/mixed_group_accuracy`` averaged over steps, else ``reward/accuracy``."""
+    for key in (MIXED_ACC_KEY, ACCURACY_KEY):
+        value = series_mean(run.series(key))
+        if value is not None:
+            return value, key
+    return None, None
+
+
+def strategy_run_row(run: Run, strategy: str) -> dict[str, Any]:
+    """One run's slope, p̄ and mean semantic entropy."""
+    pbar, source = mean_accuracy(run)
+    return {"path": str(run.path), "data": run.data, "arm": run.arm, "algorithm": run.algorithm,
+            "alpha": run.alpha, "seed": run.seed, "strategy": strategy, "slope": share_slope(run, strategy),
+            "n_steps": len(run.series(SHARE_PREFIX + strategy)), "pbar": pbar, "pbar_source": source,
+            "semantic_entropy": series_mean(run.series(SEMANTIC_ENTROPY_KEY))}
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def arm_summary(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per arm: slope mean ± std over seeds, mean p̄, mean semantic entropy, final held-out Pass@1."""
+    final = algorithm_summary(runs)["final_pass1"]
+    return {"data": runs[0].data, "arm": runs[0].arm, "algorithm": runs[0].algorithm, "alpha": runs[0].alpha,
+            "seeds": [r.seed for r in runs], "slope": mean_std([r["slope"] for r in rows if r["slope"] is not None]),
+            "pbar": mean_or_none([r["pbar"] for r in rows]),
+            "semantic_entropy": mean_or_none([r["semantic_entropy"] for r in rows]),
+            "final_pass1": final["mean"]}
+
+
+def same_seeds(a: list[Run], b: list[Run]) -> bool:
+    """True when both arms ran the same distinct seeds (each once): then their runs are paired by seed."""
+    sa, sb = [r.seed for r in a], [r.seed for r in b]
+    return None not in sa and len(set(sa)) == len(sa) and len(set(sb)) == len(sb) and set(sa) == set(sb)
+
+
+def ratio_bootstrap(num: np.ndarray, den: np.ndarray, paired: bool, n_boot: int = DEFAULT_BOOTSTRAP,
+                    rng_seed: int = DEFAULT_RNG_SEED) -> tuple[float, float] | None:
+    """95% percentile interval of mean(num) / mean(den) over seeds: resample seeds with replacement, the
+    same seeds for both arms when ``paired`` (num[i] and den[i] are the same seed), else each arm on its
+    own. None when a resample's denominator is 0. Deterministic for a given ``rng_seed``."""
+    rng = np.random.default_rng(rng_seed)
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    pick_num = rng.integers(0, num.size, size=(n_boot, num.size))
+    pick_den = pick_num if paired else rng.integers(0, den.size, size=(n_boot, den.size))
+    den_means = den[pick_den].mean(axis=1)
+    if np.any(den_means == 0):
+        return None
+    lo, hi = np.percentile(num[pick_num].mean(axis=1) / den_means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def slope_ratio(hicra: list[dict[str, Any]], grpo: list[dict[str, Any]], paired: bool, n_boot: int,
+                rng_seed: int) -> dict[str, Any]:
+    """Mean HICRA slope / mean GRPO slope with its bootstrap CI, the GRPO slope's t-interval, and the law's
+    prediction 1 + α(1 − 2p̄) from the p̄ of these runs."""
+    h = [r for r in hicra if r["slope"] is not None]
+    g = [r for r in grpo if r["slope"] is not None]
+    if paired:  # order both by seed so that index i is the same seed in both arms
+        h, g = sorted(h, key=lambda r: r["seed"]), sorted(g, key=lambda r: r["seed"])
+        paired = [r["seed"] for r in h] == [r["seed"] for r in g]
+    alpha = hicra[0]["alpha"]
+    pbar = mean_or_none([r["pbar"] for r in hicra + grpo])
+    out: dict[str, Any] = {"data": hicra[0]["data"], "arm": hicra[0]["arm"], "alpha": alpha, "paired": paired,
+                           "n_hicra": len(h), "n_grpo": len(g), "ratio": None, "ratio_ci": None,
+                           "grpo_slope": None, "grpo_slope_ci": None, "pbar": pbar, "note": None,
+                           "prediction": None if alpha is None or pbar is None else 1 + alpha * (1 - 2 * pbar)}
+    if not h or not g:
+        out["note"] = "no slope for one of the arms"
+        return out
+    hs, gs = np.array([r["slope"] for r in h]), np.array([r["slope"] for r in g])
+    ci = t_interval(gs.tolist())
+    out.update(grpo_slope=float(gs.mean()), grpo_slope_ci=list(ci) if ci else None)
+    if ci is not None and ci[0] <= 0 <= ci[1] or gs.mean() == 0:
+        out["note"] = UNDEFINED_RATIO
+        return out
+    out["ratio"] = float(hs.mean() / gs.mean())
+    rci = ratio_bootstrap(hs, gs, paired, n_boot, rng_seed) if len(h) > 1 or len(g) > 1 else None
+    out["ratio_ci"] = list(rci) if rci else None
+    if ci is None:
+        out["note"] = "one GRPO seed: the GRPO slope has no confidence interval"
+    return out
+
+
+def strategy_summary(groups: dict[str, list[Run]], better: str | None = None, n_boot: int = DEFAULT_BOOTSTRAP,
+                     rng_seed: int = DEFAULT_RNG_SEED) -> dict[str, Any] | None:
+    """Per data config: the better strategy, each run's slope, each arm's summary and, for every HICRA arm,
+    the slope ratio against GRPO. None when no run logged ``strategy/share=<name>``."""
+    all_runs = [r for runs in groups.values() for r in runs]
+    if not strategy_names(all_runs):
+        return None
+    out: dict[str, Any] = {"clip": [LOGIT_CLIP, 1 - LOGIT_CLIP], "bootstrap": n_boot, "rng_seed": rng_seed,
+                           "data": []}
+    for data in sorted({r.data for r in all_runs}, key=lambda d: (d is None, d or "")):
+        arms = [runs for runs in groups.values() if runs[0].data == data]
+        out["data"].append(data_strategy_summary(data, arms, better, n_boot, rng_seed))
+    return out
+
+
+def data_strategy_summary(data: str | None, arms: list[list[Run]], better: str | None, n_boot: int,
+                          rng_seed: int) -> dict[str, Any]:
+    runs = [r for a in arms for r in a]
+    accuracies = strategy_accuracies(runs)
+    strategy = better or better_strategy(accuracies)
+    entry: dict[str, Any] = {"data": data, "better_strategy": strategy, "chosen_by": "option" if better else
+                             "accuracy", "strategy_accuracy": accuracies, "runs": [], "arms": [], "ratios": []}
+    if strategy is None:
+        entry["note"] = "no strategy/accuracy=<name> logged: no better strategy (use --better-strategy)"
+        return entry
+    rows = {a[0].arm: [strategy_run_row(r, strategy) for r in a] for a in arms}
+    entry["runs"] = [row for a in arms for row in rows[a[0].arm]]
+    entry["arms"] = [arm_summary(a, rows[a[0].arm]) for a in arms]
+    grpo = next((a for a in arms if a[0].algorithm == BASELINE), None)
+    for a in arms:
+        if a[0].algorithm == HICRA and grpo is not None:
+            entry["ratios"].append(slope_ratio(rows[a[0].arm], rows[grpo[0].arm], same_seeds(a, grpo), n_boot,
+                                               rng_seed))
+    return entry
+
+
+def fmt_num(v: float | None, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_ci(ci: list[float] | None, digits: int = 4) -> str:
+    return "–" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def slope_text(stats: dict[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "–"
+    return f"{stats['mean']:+.4f}" + (f" ± {stats['std']:.4f}" if stats["std"] is not None else " (1 seed)")
+
+
+def ratio_row(q: dict[str, Any]) -> str:
+    if q["note"] == UNDEFINED_RATIO:
+        ratio, ci = UNDEFINED_RATIO, "–"
+    else:
+        ratio, ci = fmt_num(q["ratio"], 3), fmt_ci(q["ratio_ci"], 3)
+    pairing = "by seed" if q["paired"] else "independent"
+    return (f"| {q['data']} | {fmt_num(q['alpha'], 2)} | {q['n_hicra']} vs {q['n_grpo']} ({pairing}) | "
+            f"{fmt_num(q['grpo_slope'])} {fmt_ci(q['grpo_slope_ci'])} | {ratio} | {ci} | {fmt_num(q['pbar'], 3)} | "
+            f"{fmt_num(q['prediction'], 3)} |")
+
+
+def render_strategy_table(strategy: dict[str, Any]) -> str:
+    """``strategy_slopes.md``: per-arm slopes and the HICRA / GRPO slope ratio against the law's prediction."""
+    lo, hi = strategy["clip"]
+    lines = ["# Strategy dose-response", "",
+             f"slope = least-squares slope over training steps of logit(share of the better strategy), the share "
+             f"(`{SHARE_PREFIX}<name>`) clipped to [{lo:g}, {hi:g}] first. p̄ = `{MIXED_ACC_KEY}` averaged over "
+             f"steps (`{ACCURACY_KEY}` where a run logged none). Semantic entropy = `{SEMANTIC_ENTROPY_KEY}` "
+             "averaged over steps. Final Pass@1 = held-out Pass@1 at the arm's last common eval step.", ""]
+    for d in strategy["data"]:
+        acc = ", ".join(f"{n} {v:.3f}" for n, v in sorted(d["strategy_accuracy"].items()))
+        lines += [f"## data: {d['data']}", "", f"better strategy: **{d['better_strategy']}** "
+                  f"({'set by --better-strategy' if d['chosen_by'] == 'option' else 'highest mean accuracy'}; "
+                  f"mean `{STRATEGY_ACC_PREFIX}<name>` over runs and steps: {acc or 'none logged'})", ""]
+        if d.get("note"):
+            lines += [d["note"], ""]
+            continue
+        lines += ["| arm | α | seeds | slope (mean ± std over seeds) | p̄ | semantic entropy | final Pass@1 |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {a['arm']} | {fmt_num(a['alpha'], 2)} | {', '.join(map(str, a['seeds']))} | "
+                  f"{slope_text(a['slope'])} | {fmt_num(a['pbar'], 3)} | {fmt_num(a['semantic_entropy'], 3)} | "
+                  f"{fmt_num(a['final_pass1'])} |" for a in d["arms"]]
+        lines += ["", "| data | α | HICRA vs GRPO seeds | GRPO slope, 95% t-CI | ratio HICRA / GRPO slope | "
+                  "95% CI (bootstrap over seeds) | p̄ | law: 1 + α(1 − 2p̄) |",
+                  "| --- | ---: | --- | --- | --- | --- | ---: | ---: |"]
+        lines += [ratio_row(q) for q in d["ratios"]] or ["| – | – | no HICRA and GRPO arms | – | – | – | – | – |"]
+        lines += [f"- α={fmt_num(q['alpha'], 2)}: {q['note']}" for q in d["ratios"]
+                  if q["note"] and q["note"] != UNDEFINED_RATIO]
+        lines += ["", "Per run:", "", "| arm | seed | steps | slope | p̄ (source) | semantic entropy |",
+                  "| --- | ---: | ---: | ---: | --- | ---: |"]
+        lines += [f"| {r['arm']} | {r['seed']} | {r['n_steps']} | {fmt_num(r['slope'])} | {fmt_num(r['pbar'], 3)} "
+                  f"({r['pbar_source'] or '–'}) | {fmt_num(r['semantic_entropy'], 3)} |" for r in d["runs"]]
+        lines.append("")
+    lines += [f"Ratio CI: {strategy['bootstrap']} bootstrap resamples of the seeds (rng seed {strategy['rng_seed']}, "
+              "percentile 2.5/97.5), HICRA and GRPO runs of the same seed drawn together when both arms ran the "
+              "same seeds (by seed), else each arm resampled on its own (independent). p̄ of the law = mean p̄ "
+              "of the GRPO runs and the HICRA runs of that α."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 # ------------------------------------------------------------------------------------------ report
 def default_out_dir(run_dirs: list[Path]) -> Path:
     """``<common parent of the run dirs>/report``."""
     return Path(os.path.commonpath([str(p.parent) for p in run_dirs])) / "report"
 
 
+def baseline_group(groups: dict[str, list[Run]], data: str | None) -> list[Run] | None:
+    """The GRPO group of a data config (None if there is none)."""
+    return next((runs for runs in groups.values() if runs[0].algorithm == BASELINE and runs[0].data == data), None)
+
+
+def comparison_pairs(groups: dict[str, list[Run]]) -> list[tuple[list[Run], list[Run]]]:
+    """(group, GRPO group of the same data.name) for every non-GRPO group that has one."""
+    pairs = []
+    for runs in groups.values():
+        base = baseline_group(groups, runs[0].data)
+        if runs[0].algorithm != BASELINE and base is not None:
+            pairs.append((runs, base))
+    return pairs
+
+
 def summarise(groups: dict[str, list[Run]], n_boot: int, rng_seed: int) -> dict[str, Any]:
     """The numbers of table.md (and summary.json)."""
-    comparisons = []
-    if BASELINE in groups:
-        comparisons = [compare(runs, groups[BASELINE], n_boot, rng_seed) for a, runs in groups.items() if a != BASELINE]
+    comparisons = [compare(runs, base, n_boot, rng_seed) for runs, base in comparison_pairs(groups)]
     return {
         "band": BAND_NOTE,
         "runs": [{"path": str(r.path), "algorithm": r.algorithm, "seed": r.seed, "last_step": r.last_step,
@@ -600,15 +1018,24 @@ def summarise(groups: dict[str, list[Run]], n_boot: int, rng_seed: int) -> dict[
 
 
 def build_report(paths: list[str], out: str | os.PathLike | None = None, *, n_boot: int = DEFAULT_BOOTSTRAP,
-                 rng_seed: int = DEFAULT_RNG_SEED, figures: bool = True) -> dict[str, Any]:
-    """Read the runs, write the figures, ``table.md`` and ``summary.json`` into ``out``; return the summary."""
+                 rng_seed: int = DEFAULT_RNG_SEED, figures: bool = True,
+                 better_strategy_name: str | None = None) -> dict[str, Any]:
+    """Read the runs, write the figures, ``table.md`` and ``summary.json`` (and, when the runs log
+    ``strategy/share=<name>``, ``strategy_share.png`` and ``strategy_slopes.md``) into ``out``; return the
+    summary."""
     run_dirs = find_run_dirs(paths)
-    groups = group_by_algorithm([load_run(d) for d in run_dirs])
+    groups = group_runs([load_run(d) for d in run_dirs])
     out = Path(out) if out is not None else default_out_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(groups, n_boot, rng_seed)
+    strategy = strategy_summary(groups, better_strategy_name, n_boot, rng_seed)
     summary["out"] = str(out)
     summary["figures"] = [str(p) for p in write_figures(groups, out)] if figures else []
+    if strategy is not None:
+        summary["strategy"] = strategy
+        if figures:
+            summary["figures"].append(str(write_strategy_figure(groups, strategy, out)))
+        write_text_atomic(out / "strategy_slopes.md", render_strategy_table(strategy))
     write_text_atomic(out / "table.md", render_table(summary))
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
@@ -621,7 +1048,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default: <common parent>/report)")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples (default %(default)s)")
     p.add_argument("--rng-seed", type=int, default=DEFAULT_RNG_SEED, help="bootstrap RNG seed (default %(default)s)")
-    p.add_argument("--no-figures", action="store_true", help="write only table.md and summary.json")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNGs (write only the tables and summary.json)")
+    p.add_argument("--better-strategy", default=None, metavar="NAME",
+                   help="strategy whose share strategy_share.png and strategy_slopes.md follow (default: per "
+                        "data config, the one with the highest mean strategy/accuracy=<name>)")
     return p.parse_args(argv)
 
 
@@ -629,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = build_report(args.run_dirs, args.out, n_boot=args.bootstrap, rng_seed=args.rng_seed,
-                               figures=not args.no_figures)
+                               figures=not args.no_figures, better_strategy_name=args.better_strategy)
     except (FileNotFoundError, ValueError) as e:
         print(f"hicra-report: error: {e}", file=sys.stderr)
         return 2

@@ -130,14 +130,93 @@ def test_paired_difference_and_bootstrap_ci(built):
     assert f"| hicra − grpo | 2 (1, 2) | 4 | {PAIRED_DIFF:+.4f} | [{lo:+.4f}, {hi:+.4f}] | paired bootstrap" in table
 
 
-def test_bootstrap_is_deterministic_and_brackets_the_mean():
-    diffs = [np.array([0.0, 0.5, 0.0]), np.array([0.0, 1.0, 0.0, 0.5])]
-    first = report.paired_bootstrap(diffs, n_boot=300, rng_seed=7)
-    assert first == report.paired_bootstrap(diffs, n_boot=300, rng_seed=7)
+@pytest.mark.parametrize("bootstrap", [report.paired_bootstrap, report.nested_bootstrap])
+def test_bootstrap_is_deterministic_and_brackets_the_mean(bootstrap):
+    diffs = [np.array([0.0, 0.5, 0.0, 0.25]), np.array([0.0, 1.0, 0.0, 0.5])]
+    first = bootstrap(diffs, n_boot=300, rng_seed=7)
+    assert first == bootstrap(diffs, n_boot=300, rng_seed=7)
     mean = np.mean([d.mean() for d in diffs])
     assert first[0] < mean < first[1]
     same = [np.array([0.25, 0.25])] * 2  # no spread anywhere: a zero-width interval at the mean
-    assert report.paired_bootstrap(same, n_boot=50) == pytest.approx((0.25, 0.25))
+    assert bootstrap(same, n_boot=50) == pytest.approx((0.25, 0.25))
+
+
+def test_crossed_bootstrap_needs_the_same_problems_in_every_pair():
+    uneven = [np.array([0.0, 0.5, 0.0]), np.array([0.0, 1.0, 0.0, 0.5])]
+    with pytest.raises(ValueError, match="same problems"):
+        report.paired_bootstrap(uneven)
+    lo, hi = report.nested_bootstrap(uneven, n_boot=300)  # problems nested in seeds: fine
+    assert lo < np.mean([d.mean() for d in uneven]) < hi
+
+
+def test_identical_pairs_crossed_ci_is_the_one_pair_problem_bootstrap():
+    # 3 seed pairs with the same per-problem differences (0, 1): resampling seeds changes nothing, so the
+    # crossed interval is the one-pair problem bootstrap. Its resample mean is 0, 1/2, 1 with probability
+    # 1/4, 1/2, 1/4: the 2.5 / 97.5 percentiles are 0 and 1 (a quarter of the draws at each end).
+    # The nested scheme averages 3 independent problem draws per resample: mean = k/6, k ~ Binomial(6, 1/2),
+    # P(k = 0) = 1/64 < 2.5 % < P(k <= 1) = 7/64, so its percentiles are 1/6 and 5/6 (too narrow).
+    diffs = [np.array([0.0, 1.0])] * 3
+    crossed = report.paired_bootstrap(diffs, n_boot=4000, rng_seed=3)
+    assert crossed == pytest.approx(report.paired_bootstrap(diffs[:1], n_boot=4000, rng_seed=3))
+    assert crossed == pytest.approx((0.0, 1.0))
+    assert report.nested_bootstrap(diffs, n_boot=4000, rng_seed=3) == pytest.approx((1 / 6, 5 / 6))
+
+
+def test_pair_constant_diffs_ci_comes_from_the_seeds_only():
+    # every problem of pair j has the difference c_j = 0, 0, 1: resampling problems changes nothing and
+    # the resample mean is k/3, k ~ Binomial(3, 1/3): P(k = 0) = 8/27, P(k = 3) = 1/27 = 3.7 % > 2.5 %,
+    # so the interval is [0, 1] for both schemes.
+    diffs = [np.full(6, c) for c in (0.0, 0.0, 1.0)]
+    assert report.paired_bootstrap(diffs, n_boot=4000, rng_seed=5) == pytest.approx((0.0, 1.0))
+    assert report.nested_bootstrap(diffs, n_boot=4000, rng_seed=5) == pytest.approx((0.0, 1.0))
+
+
+def popvar(x):
+    return float(np.mean((np.asarray(x) - np.mean(x)) ** 2))
+
+
+def test_crossed_bootstrap_variance_keeps_the_problem_term():
+    # 3 seed pairs x 6 problems: d = a_seed + b_problem + e (e: an interaction with zero row and column
+    # sums). Given the table, the crossed bootstrap variance is exactly
+    #   popvar(row means)/S + popvar(column means)/P + popvar(residuals)/(S P)
+    # and the nested one popvar(row means)/S + mean within-row popvar/(S P): the problem term
+    # popvar(b)/P shrinks to popvar(b)/(S P).
+    a = np.array([-0.1, 0.0, 0.1])
+    b = np.array([0.0, 0.0, 0.0, 0.5, 0.5, 1.0])
+    e = 0.05 * np.array([[1, -1, 0, 0, 1, -1], [-1, 1, 0, 0, -1, 1], [0, 0, 0, 0, 0, 0]], dtype=float)
+    table = a[:, None] + b[None, :] + e
+    S, P = table.shape
+    crossed_var = popvar(a) / S + popvar(b) / P + popvar(e) / (S * P)
+    nested_var = popvar(a) / S + np.mean([popvar(row) for row in table]) / (S * P)
+    # by hand: popvar(a)/3 = (0.02/3)/3 = 0.002222, popvar(b)/6 = (0.25 - 1/9)/6 = 0.023148,
+    # popvar(e)/18 = (0.0025 * 8/18)/18 = 0.000062; within-row popvars 0.132222, 0.148889, 0.138889 (mean 0.14)
+    assert crossed_var == pytest.approx(0.025432, abs=1e-6) and nested_var == pytest.approx(0.01)  # ratio 2.54
+    draws = report.crossed_bootstrap_means(table, 40000, 11)
+    assert draws.mean() == pytest.approx(table.mean(), abs=0.003)
+    assert draws.var() == pytest.approx(crossed_var, rel=0.03)
+    nested = report.nested_bootstrap_means(list(table), 40000, 11)
+    assert nested.var() == pytest.approx(nested_var, rel=0.03)
+    lo, hi = report.paired_bootstrap(list(table), n_boot=4000)
+    nlo, nhi = report.nested_bootstrap(list(table), n_boot=4000)
+    assert lo < nlo and hi > nhi and (hi - lo) > 1.4 * (nhi - nlo)
+
+
+def test_problems_are_aligned_by_id_and_mismatched_ids_fall_back_to_nested():
+    first = {"p1": 0.5, "p0": 0.0, "p2": 1.0}
+    table = report.problem_table([first, {"p0": 0.25, "p2": 0.0, "p1": 1.0}])
+    assert table.tolist() == [[0.0, 0.5, 1.0], [0.25, 1.0, 0.0]]  # columns p0, p1, p2 in both rows
+    assert report.problem_table([first, {"p0": 0.0, "p1": 0.5, "p9": 1.0}]) is None
+
+    def run(algo, seed, problems):
+        ev = report.EvalResult(pass1=float(np.mean(list(problems.values()))), problems=problems)
+        return report.Run(Path(f"/{algo}-{seed}"), algo, seed, {4: {}}, {4: ev})
+
+    zeros = {"p0": 0.0, "p1": 0.0}
+    other = {"p2": 0.0, "p3": 0.0}
+    c = report.compare([run("hicra", 1, {"p0": 1.0, "p1": 0.0}), run("hicra", 2, {"p2": 0.5, "p3": 0.5})],
+                       [run("grpo", 1, zeros), run("grpo", 2, other)], n_boot=200)
+    assert c["mean_diff"] == pytest.approx(0.5)
+    assert "nested" in c["ci_method"] and any("different problems" in n for n in c["notes"])
 
 
 def test_report_is_deterministic(built, tmp_path):
@@ -217,3 +296,156 @@ def test_no_eval_data_and_no_baseline(tmp_path):
     assert "| entropy_reg | 1 | – | no eval data | no eval data |" in table
     assert "No paired differences" in table
     assert (tmp_path / "out" / "dynamics.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ------------------------------------------------------------------- strategy dose-response (α x difficulty)
+STEPS = range(1, 11)
+GRPO_SLOPES = {0: 0.09, 1: 0.10, 2: 0.11}  # logit(share of "stepwise") = slope * (step - 5) on strat_hard
+HARD_RATIO = {0.2: 1.6, 1.0: 0.5}  # HICRA slope = ratio * GRPO slope of the same seed
+EASY_GRPO_SLOPES = {0: -0.05, 1: 0.0, 2: 0.05}  # mean 0: ratio undefined on strat_easy
+MIXED_ACC = {"strat_hard": 0.3, "strat_easy": 0.8}
+SEM_ENT = {"grpo": 0.5, "hicra": 0.7}
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def strategy_metrics(step, slope, data, algo, mixed=True):
+    share = sigmoid(slope * (step - 5))
+    row = {"step": step, "strategy/share=stepwise": share, "strategy/share=direct": 1 - share,
+           "strategy/share=none": 0.0, "strategy/accuracy=stepwise": 0.7, "strategy/accuracy=direct": 0.4,
+           "strategy/mixed_group_accuracy": MIXED_ACC[data] if mixed else float("nan"), "reward/accuracy": 0.55,
+           "strategic/semantic_entropy": SEM_ENT[algo]}
+    if step == STEPS[-1]:
+        row[report.PASS1_KEY] = 0.4 if algo == "grpo" else 0.45
+    return row
+
+
+def make_strategy_run(root, data, algo, alpha, seed, slope, mixed=True):
+    run = root / data / f"{algo}-a{alpha}-s{seed}"
+    run.mkdir(parents=True)
+    cfg = {"algorithm": {"name": algo, "hicra_alpha": alpha}, "data": {"name": data}, "trainer": {"seed": seed}}
+    (run / "config.json").write_text(json.dumps(cfg))
+    lines = [json.dumps(strategy_metrics(s, slope, data, algo, mixed)) for s in STEPS]  # NaN as the trainer writes it
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def strategy_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alpha_x_difficulty")
+    for seed, g in GRPO_SLOPES.items():
+        make_strategy_run(root, "strat_hard", "grpo", 0.0, seed, g)
+        for alpha, ratio in HARD_RATIO.items():
+            make_strategy_run(root, "strat_hard", "hicra", alpha, seed, ratio * g)
+    for seed, g in EASY_GRPO_SLOPES.items():
+        make_strategy_run(root, "strat_easy", "grpo", 0.0, seed, g, mixed=False)
+        for alpha in HARD_RATIO:
+            make_strategy_run(root, "strat_easy", "hicra", alpha, seed + 3, 0.1, mixed=False)  # seeds 3-5
+    summary = report.build_report([str(root)], root / "report", n_boot=1000)
+    return root, summary
+
+
+def by_data(summary, data):
+    return next(d for d in summary["strategy"]["data"] if d["data"] == data)
+
+
+def test_labels_split_alpha_and_data_only_when_needed():
+    def run(algo, alpha, data):
+        return report.Run(Path(f"/{algo}{alpha}{data}"), algo, 0, {}, alpha=alpha, data=data)
+
+    one = report.label_runs([run("hicra", 0.2, "arith"), run("grpo", 0.0, "arith"), run("hicra", 0.2, "arith")])
+    assert [r.group for r in one] == ["hicra", "grpo", "hicra"]
+    two = report.label_runs([run("hicra", 0.2, "a"), run("hicra", 1.0, "a"), run("grpo", 0.0, "b")])
+    assert [r.arm for r in two] == ["hicra α=0.2", "hicra α=1", "grpo"]
+    assert [r.group for r in two] == ["a: hicra α=0.2", "a: hicra α=1", "b: grpo"]
+
+
+def test_strategy_groups_and_comparisons_stay_within_a_data_config(strategy_built):
+    root, summary = strategy_built
+    assert list(summary["algorithms"]) == [
+        "strat_easy: hicra α=0.2", "strat_easy: hicra α=1", "strat_easy: grpo",
+        "strat_hard: hicra α=0.2", "strat_hard: hicra α=1", "strat_hard: grpo"]
+    assert [(c["a"], c["b"]) for c in summary["comparisons"]] == [
+        ("strat_easy: hicra α=0.2", "strat_easy: grpo"), ("strat_easy: hicra α=1", "strat_easy: grpo"),
+        ("strat_hard: hicra α=0.2", "strat_hard: grpo"), ("strat_hard: hicra α=1", "strat_hard: grpo")]
+
+
+def test_logit_clip_and_least_squares_slope():
+    assert report.logit(np.array([0.0, 0.5, 1.0])) == pytest.approx([math.log(0.01 / 0.99), 0.0, math.log(99)])
+    assert report.ls_slope(np.array([1, 2, 3]), np.array([1.0, 3.0, 2.0])) == pytest.approx(0.5)
+    assert report.ls_slope(np.array([4]), np.array([1.0])) is None
+    assert report.better_strategy({"direct": 0.4, "stepwise": 0.7}) == "stepwise"
+    assert report.better_strategy({"b": 0.5, "a": 0.5}) == "a" and report.better_strategy({}) is None
+
+
+def test_slopes_ratio_and_law_prediction(strategy_built):
+    root, summary = strategy_built
+    hard = by_data(summary, "strat_hard")
+    assert hard["better_strategy"] == "stepwise"  # accuracy 0.7 vs 0.4
+    assert hard["strategy_accuracy"] == pytest.approx({"direct": 0.4, "stepwise": 0.7})
+    slopes = {(r["arm"], r["seed"]): r["slope"] for r in hard["runs"]}
+    for seed, g in GRPO_SLOPES.items():  # exact logistic curves: the log-odds slope is the slope
+        assert slopes[("grpo", seed)] == pytest.approx(g)
+        assert slopes[("hicra α=0.2", seed)] == pytest.approx(1.6 * g)
+    assert [r["pbar"] for r in hard["runs"]] == pytest.approx([0.3] * 9)
+    assert {r["pbar_source"] for r in hard["runs"]} == {"strategy/mixed_group_accuracy"}
+    arms = {a["arm"]: a for a in hard["arms"]}
+    assert arms["grpo"]["slope"]["mean"] == pytest.approx(0.1) and arms["grpo"]["semantic_entropy"] == 0.5
+    assert (arms["hicra α=0.2"]["final_pass1"], arms["grpo"]["final_pass1"]) == pytest.approx((0.45, 0.4))
+    q = {r["alpha"]: r for r in hard["ratios"]}
+    for alpha, ratio in HARD_RATIO.items():
+        assert q[alpha]["paired"] and q[alpha]["ratio"] == pytest.approx(ratio)
+        # paired by seed and HICRA slope = ratio x GRPO slope in every seed: every resample gives the ratio
+        assert q[alpha]["ratio_ci"] == pytest.approx([ratio, ratio])
+        assert q[alpha]["pbar"] == pytest.approx(0.3)
+        assert q[alpha]["prediction"] == pytest.approx(1 + alpha * (1 - 2 * 0.3))  # 1.08 and 1.4
+    # GRPO slopes 0.09, 0.10, 0.11: mean 0.1, sd 0.01, t(0.975, 2) = 4.3027 -> 0.1 ± 0.02484
+    assert q[0.2]["grpo_slope_ci"] == pytest.approx([0.1 - 4.3027 * 0.01 / math.sqrt(3),
+                                                     0.1 + 4.3027 * 0.01 / math.sqrt(3)], abs=1e-4)
+    table = (root / "report" / "strategy_slopes.md").read_text()
+    assert "| strat_hard | 0.20 | 3 vs 3 (by seed) |" in table and "| 1.600 | [+1.600, +1.600] | 0.300 | 1.080 |" in table
+
+
+def test_undistinguishable_grpo_slope_gives_no_ratio(strategy_built):
+    root, summary = strategy_built
+    easy = by_data(summary, "strat_easy")
+    for q in easy["ratios"]:
+        assert not q["paired"]  # HICRA seeds 3-5, GRPO seeds 0-2: resampled independently
+        assert q["grpo_slope"] == pytest.approx(0.0, abs=1e-12) and q["ratio"] is None
+        assert q["note"] == report.UNDEFINED_RATIO
+        assert q["pbar"] == pytest.approx(0.55)  # no mixed-group accuracy logged: reward/accuracy
+    table = (root / "report" / "strategy_slopes.md").read_text()
+    assert table.count(report.UNDEFINED_RATIO) == 2
+
+
+def test_independent_ratio_ci_is_wider_than_paired():
+    g = np.array([0.09, 0.10, 0.11])
+    assert report.ratio_bootstrap(1.6 * g, g, paired=True, n_boot=2000) == pytest.approx((1.6, 1.6))
+    lo, hi = report.ratio_bootstrap(1.6 * g, g, paired=False, n_boot=2000)
+    # independent resamples: the ratio ranges over 1.6 * [0.09, 0.11] / [0.11, 0.09] = [1.309, 1.956]
+    assert 1.6 * 0.09 / 0.11 <= lo < 1.6 < hi <= 1.6 * 0.11 / 0.09
+    assert report.ratio_bootstrap(g, np.array([0.0, 0.0]), paired=False, n_boot=50) is None
+
+
+def test_strategy_share_figure_and_summary(strategy_built):
+    root, summary = strategy_built
+    out = root / "report"
+    fig = out / "strategy_share.png"
+    assert str(fig) in summary["figures"] and fig.read_bytes()[:8] == PNG_SIGNATURE
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["strategy"]["clip"] == [0.01, 0.99]
+    assert by_data(saved, "strat_hard")["ratios"][0]["ratio"] == pytest.approx(1.6)
+
+
+def test_better_strategy_option_and_no_strategy_metrics(strategy_built, tmp_path):
+    root, _ = strategy_built
+    forced = report.build_report([str(root / "strat_hard")], tmp_path / "forced", n_boot=200, figures=False,
+                                 better_strategy_name="direct")
+    hard = by_data(forced, "strat_hard")
+    assert hard["better_strategy"] == "direct" and hard["chosen_by"] == "option"
+    assert {r["arm"]: r["slope"] for r in hard["runs"] if r["seed"] == 1}["grpo"] == pytest.approx(-0.1)
+    plain = make_runs(tmp_path / "plain")
+    summary = report.build_report([str(plain)], tmp_path / "plain-out", n_boot=100, figures=False)
+    assert "strategy" not in summary and not (tmp_path / "plain-out" / "strategy_slopes.md").exists()
