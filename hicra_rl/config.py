@@ -380,7 +380,7 @@ DATA_SOURCES = ("reasoning_gym", "gsm8k", "math500", "dapo_math_17k", "deepscale
 def validate(cfg: TrainConfig) -> None:
     a, r, l, t, c = cfg.algorithm, cfg.rollout, cfg.learner, cfg.trainer, cfg.cluster
     _check(a.name in ALGORITHMS, "algorithm.name", f"{a.name!r} is not one of {ALGORITHMS}")
-    _check(0.0 <= a.hicra_alpha < 1.0, "algorithm.hicra_alpha", f"must be in [0, 1), got {a.hicra_alpha}")
+    _check(0.0 <= a.hicra_alpha <= 1.0, "algorithm.hicra_alpha", f"must be in [0, 1], got {a.hicra_alpha}")
     _check(a.name in ("hicra", "hicra_adaptive") or a.hicra_alpha == 0.0, "algorithm.hicra_alpha",
            f"algorithm {a.name!r} must have hicra_alpha 0 (got {a.hicra_alpha}); use algorithm=hicra or "
            "algorithm=hicra_adaptive")

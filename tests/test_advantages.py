@@ -60,9 +60,20 @@ def test_hicra_alpha_zero_is_grpo_exactly():
     assert torch.equal(out, adv[:, None].expand(6, 11))
 
 
-def test_hicra_rejects_bad_alpha_and_shapes():
-    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
-        hicra_advantages(torch.zeros(1), torch.zeros(1, 2, dtype=torch.bool), alpha=1.0)
+@pytest.mark.parametrize("alpha", [1.5, 1.0000001, -0.1])
+def test_hicra_rejects_bad_alpha(alpha):
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got"):
+        hicra_advantages(torch.zeros(1), torch.zeros(1, 2, dtype=torch.bool), alpha=alpha)
+
+
+def test_hicra_alpha_one_zeroes_a_failures_planning_tokens():
+    adv = torch.tensor([0.75, -0.25])
+    mask = torch.tensor([[True, False], [True, False]])
+    out = hicra_advantages(adv, mask, alpha=1.0)
+    assert out.tolist() == [[1.5, 0.75], [0.0, -0.25]]
+
+
+def test_hicra_rejects_bad_shapes():
     with pytest.raises(ValueError, match="3 sequence advantages"):
         hicra_advantages(torch.zeros(3), torch.zeros(2, 4, dtype=torch.bool))
 
@@ -71,7 +82,7 @@ def test_hicra_rejects_bad_alpha_and_shapes():
 @given(
     # subnormal advantages (|A| < 2.2e-308) round A(1 - alpha) to 0: no reward is that small
     st.lists(st.floats(-5, 5, allow_nan=False, allow_subnormal=False), min_size=1, max_size=8),
-    st.floats(0.0, 0.99),
+    st.floats(0.0, 1.0),
     st.integers(0, 2**31 - 1),
 )
 def test_hicra_planning_advantage_at_least_execution(adv_list, alpha, seed):
@@ -86,6 +97,8 @@ def test_hicra_planning_advantage_at_least_execution(adv_list, alpha, seed):
         # execution tokens are untouched; planning tokens equal A + alpha|A|
         assert torch.all(out[i][~mask[i]] == adv[i])
         assert torch.allclose(out[i][mask[i]], adv[i] + alpha * adv[i].abs())
-        # the sign of the advantage never flips (alpha < 1)
-        assert torch.all(torch.sign(out[i]) == torch.sign(adv[i]).expand(9)) or adv[i] == 0
+        # the sign of the advantage never flips (alpha <= 1; at alpha = 1 a negative A's planning tokens get 0)
+        assert torch.all(torch.sign(out[i]) * torch.sign(adv[i]) >= 0)
+        if alpha < 1.0:
+            assert torch.all(torch.sign(out[i]) == torch.sign(adv[i]).expand(9)) or adv[i] == 0
     assert math.isfinite(float(out.sum()))

@@ -191,7 +191,7 @@ def test_cli_rejects_an_invalid_value_before_starting_anything(tmp_path):
     out = subprocess.run([str(HICRA_TRAIN), "algorithm.hicra_alpha=1.5", f"trainer.run_dir={tmp_path / 'run'}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
-    assert "config error at 'algorithm.hicra_alpha': must be in [0, 1), got 1.5" in out.stderr
+    assert "config error at 'algorithm.hicra_alpha': must be in [0, 1], got 1.5" in out.stderr
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -225,10 +225,16 @@ def test_appended_unknown_key_is_a_config_error(hydra_conf):
     raise AssertionError(f"'+rollout.grup_size=4' was accepted: {cfg.rollout}")
 
 
-@pytest.mark.parametrize("value", ["1.0", "-0.1", "2"])
+@pytest.mark.parametrize("value", ["1.5", "1.0000001", "-0.1", "2"])
 def test_alpha_outside_zero_one(hydra_conf, value):
-    _raises_naming("algorithm.hicra_alpha", f"must be in [0, 1), got {float(value)}",
+    _raises_naming("algorithm.hicra_alpha", f"must be in [0, 1], got {float(value)}",
                    f"algorithm.hicra_alpha={value}")
+
+
+@pytest.mark.parametrize("algorithm", ["hicra", "hicra_adaptive"])
+def test_alpha_one_is_accepted(hydra_conf, algorithm):
+    # alpha = 1: a failure's planning tokens get advantage 0 (docs/hicra_law.md); alpha > 1 would flip their sign
+    assert load(f"algorithm={algorithm}", "algorithm.hicra_alpha=1.0").algorithm.hicra_alpha == 1.0
 
 
 def test_alpha_on_a_baseline_algorithm(hydra_conf):

@@ -85,7 +85,7 @@ def gate_config_errors(cfg: Any) -> list[tuple[str, str]]:
         if not ok:
             errors.append((CONFIG_FIELDS[name], msg))
 
-    check(0.0 <= p.alpha_max < 1.0, "alpha_max", f"must be in [0, 1), got {p.alpha_max}")
+    check(0.0 <= p.alpha_max <= 1.0, "alpha_max", f"must be in [0, 1], got {p.alpha_max}")
     check(isinstance(p.window, int) and not isinstance(p.window, bool) and p.window >= 1, "window",
           f"must be an integer >= 1 (steps in the perplexity slope), got {p.window!r}")
     check(0.0 <= p.ema < 1.0, "ema", f"must be in [0, 1) (weight of the past in the EMA), got {p.ema}")

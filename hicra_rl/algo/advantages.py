@@ -83,10 +83,11 @@ def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alph
 
     ``advantages`` is per sequence [B] or already per token [B, T]; ``planning_mask`` is [B, T]
     (bool or 0/1).  Returns [B, T].  With ``alpha == 0`` the result equals GRPO's advantages
-    broadcast over tokens, bit for bit.
+    broadcast over tokens, bit for bit; with ``alpha == 1`` a failed response's planning tokens get 0.
+    In expectation the shaping scales GRPO's strategy gradient by 1 + alpha (1 - 2 p_bar) (docs/hicra_law.md).
     """
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"HICRA alpha must be in [0, 1), got {alpha}")
+    if not 0.0 <= alpha <= 1.0:  # alpha > 1 would make a failure's planning tokens positive (docs/hicra_law.md)
+        raise ValueError(f"HICRA alpha must be in [0, 1], got {alpha}")
     if planning_mask.dim() != 2:
         raise ValueError(f"planning_mask must be [batch, tokens], got shape {tuple(planning_mask.shape)}")
     if advantages.dim() == 1:
