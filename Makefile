@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-fast lint bench clean-shm
+.PHONY: install run test test-fast lint bench clean-shm strategy-testbed strategy-grid
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,19 @@ lint: install
 
 clean-shm:
 	rm -f /dev/shm/psm_* /dev/shm/deepspeed_allreduce_buffer_* /dev/shm/hicra-* 2>/dev/null || true
+
+# The strategy-choice testbed (issue 21, docs/hicra_law.md): a cold start that announces one of two strategies
+# (left to right; all in one step) independently of the problem, then its per-strategy accuracy on held-out
+# problems of both difficulties (benchmarks/results/strategy_choice/cold_start/testbed.md). ~15 min on 2 cores.
+STRAT_COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-strat-v1
+strategy-testbed: install
+	test -f $(STRAT_COLD_START)/config.json || $(BIN)/hicra-sft data=strat_mix 'strategies=[left_to_right,direct]' \
+		max_steps=60 max_minutes=60 out_dir=$(STRAT_COLD_START)
+	$(BIN)/python benchmarks/strategy_testbed.py --model $(STRAT_COLD_START) strat_easy strat_hard
+
+# HICRA's dose-response grid on it (alpha 0 / 0.2 / 1.0 x easy / hard x seeds), resumable: re-run to go on
+strategy-grid: install
+	test -f $(STRAT_COLD_START)/config.json || $(MAKE) strategy-testbed
+	$(BIN)/python benchmarks/strategy_choice.py $(ARGS)
+	$(BIN)/hicra-report benchmarks/results/strategy_choice/strat_hard benchmarks/results/strategy_choice/strat_easy \
+		--out benchmarks/results/strategy_choice/report

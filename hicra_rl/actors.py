@@ -214,7 +214,7 @@ class MetricsWorker:
     the driver for the console line."""
 
     def __init__(self, run_dir: str, logging_cfg: dict, config: dict, resume_step: int, rel_ppl_state: dict | None,
-                 gram_clusters: dict[str, int] | None = None):
+                 gram_clusters: dict[str, int] | None = None, strategies: dict[str, str] | None = None):
         from hicra_rl.metrics.perplexity import RelativePerplexity
         from hicra_rl.runlog import MetricsSink
 
@@ -222,14 +222,16 @@ class MetricsWorker:
                                 project=logging_cfg["project"], run_name=logging_cfg["run_name"], config=config,
                                 resume_step=resume_step)
         self.rel_ppl = RelativePerplexity()
-        self.gram_clusters = gram_clusters  # SG -> lexicon cluster: per-strategy usage metrics
+        self.gram_clusters = gram_clusters  # SG -> lexicon cluster: per-cluster usage metrics
+        self.strategies = strategies        # strategy name -> announcing phrase: per-strategy share and accuracy
         if rel_ppl_state:
             self.rel_ppl.load_state_dict(rel_ppl_state)
 
     def log_step(self, step: int, rollout: dict, extra: dict[str, float]) -> dict[str, float]:
         from hicra_rl.metrics.step import step_metrics
 
-        metrics = step_metrics(rel_ppl=self.rel_ppl, gram_clusters=self.gram_clusters, **rollout)
+        metrics = step_metrics(rel_ppl=self.rel_ppl, gram_clusters=self.gram_clusters, strategies=self.strategies,
+                               **rollout)
         metrics.update(extra)
         self.sink.log(step, metrics)
         return metrics

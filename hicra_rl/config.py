@@ -17,7 +17,8 @@ ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo", "hicra_adaptive")
 # the dtypes a run can train in: the learner and vLLM use the same one (float16 has no loss scaling here)
 MODEL_DTYPES = ("float32", "bfloat16")
 # lexicons shipped in hicra_rl/resources (their metadata records the command that mined them)
-SHIPPED_LEXICONS = {"default": "default_lexicon.json", "gsm8k": "default_lexicon.json", "arith": "arith_lexicon.json"}
+SHIPPED_LEXICONS = {"default": "default_lexicon.json", "gsm8k": "default_lexicon.json", "arith": "arith_lexicon.json",
+                    "strat": "strat_lexicon.json"}
 
 
 def lexicon_path(cfg: TrainConfig) -> str:
@@ -89,6 +90,9 @@ class DataConfig:
     # the SG lexicon suited to this data (strategic.lexicon=auto); the default matches the default data
     # (conf/data/arith.yaml), so TrainConfig() in code and `hicra-train` tag the same grams
     lexicon: str = "arith"
+    # strategy name -> the phrase that announces it (case-insensitive): each step logs the share and accuracy
+    # of every strategy (hicra_rl/metrics/strategies.py); the strategy-choice testbed sets it (strat_*.yaml)
+    strategies: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -447,6 +451,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.eval_every == 0 or cfg.eval_data is not None, "trainer.eval_every",
            f"is {t.eval_every} but no eval_data is configured (e.g. +eval_data=arith_test, or eval_every=0)")
     _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
+    for name, phrase in dict(cfg.data.strategies).items():
+        _check(isinstance(name, str) and name.strip() != "" and name != "none", f"data.strategies.{name}",
+               "a strategy needs a non-empty name other than 'none' (the share of responses announcing no strategy)")
+        _check(isinstance(phrase, str) and phrase.strip() != "", f"data.strategies.{name}",
+               f"must be the non-empty phrase that announces the strategy, got {phrase!r}")
     _check(r.weight_transport in ("shm_file", "broadcast"), "rollout.weight_transport",
            f"must be shm_file or broadcast, got {r.weight_transport!r}")
     _check(r.logprobs_mode in ("processed_logprobs", "raw_logprobs"), "rollout.logprobs_mode",

@@ -254,7 +254,8 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.start_step)
         self.metrics = RemoteMetrics(session.start(
             "metrics", MetricsWorker, str(self.run_dir), as_plain_dict(cfg)["logging"], as_plain_dict(cfg),
-            self.start_step, extra.get("rel_ppl"), self.lexicon.cluster_of), cl.step_timeout_s)
+            self.start_step, extra.get("rel_ppl"), self.lexicon.cluster_of, dict(cfg.data.strategies)),
+            cl.step_timeout_s)
         if cfg.rollout.weight_transport == "broadcast":
             self.learners.open_weight_group(self.fleet, cfg.rollout.tensor_parallel_size, cl.collective_timeout_s)
         self.learners.sync_weights(self.fleet)  # vLLM starts from exactly the learner's weights (also after a resume)
@@ -488,7 +489,7 @@ class Trainer:
         t0 = time.perf_counter()
         metrics, rows = evaluate(self.eval_prompts, self.eval_meta, self.fleet, k=cfg.trainer.eval_samples,
                                  temperature=cfg.trainer.eval_temperature, max_tokens=cfg.rollout.max_new_tokens,
-                                 seed=cfg.trainer.seed + 991)
+                                 seed=cfg.trainer.seed + 991, strategies=dict(cfg.eval_data.strategies))
         write_json_atomic(self.run_dir / f"eval-step{step + 1}.json", {"metrics": metrics, "rows": rows}, indent=2)
         metrics["timing/eval_s"] = time.perf_counter() - t0
         return metrics

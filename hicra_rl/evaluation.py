@@ -39,10 +39,24 @@ def summarise(rows: list[dict[str, Any]], k: int, prefix: str = "eval/") -> dict
     return out
 
 
+def strategy_summary(rows: list[dict[str, Any]], strategies: dict[str, str],
+                     prefix: str = "eval/") -> dict[str, float]:
+    """``<prefix>strategy_share=<name>`` and ``<prefix>strategy_accuracy=<name>`` of each strategy named in
+    ``strategies`` (name -> announcing phrase; ``none`` too when some response announced none)."""
+    from hicra_rl.metrics.strategies import strategy_table
+
+    out = {}
+    for r in strategy_table(rows, strategies):
+        out[f"{prefix}strategy_share={r['strategy']}"] = r["share"]
+        out[f"{prefix}strategy_accuracy={r['strategy']}"] = r["accuracy"]
+    return out
+
+
 def evaluate(prompts: list, problems_meta: list[dict], fleet, *, k: int, temperature: float, max_tokens: int,
-             seed: int) -> tuple[dict[str, float], list[dict]]:
+             seed: int, strategies: dict[str, str] | None = None) -> tuple[dict[str, float], list[dict]]:
     """``fleet``: ``generate(prompt_ids, n, temperature, max_tokens, seed) -> RolloutBatch`` and
-    ``score(batch) -> [VerifyResult]`` (``hicra_rl.fleet.Fleet`` or an in-process equivalent)."""
+    ``score(batch) -> [VerifyResult]`` (``hicra_rl.fleet.Fleet`` or an in-process equivalent).  With
+    ``strategies`` (``data.strategies``) the share and accuracy of each strategy too."""
     batch = fleet.generate([p.token_ids for p in prompts], k, temperature, max_tokens, seed)
     if len(batch) != len(prompts) * k:
         raise RuntimeError(f"expected {len(prompts) * k} responses, got {len(batch)}")
@@ -60,7 +74,10 @@ def evaluate(prompts: list, problems_meta: list[dict], fleet, *, k: int, tempera
             "lengths": batch.lengths[j * k:(j + 1) * k],
             "responses": batch.response_texts[j * k:(j + 1) * k],
         })
-    return summarise(rows, k), rows
+    metrics = summarise(rows, k)
+    if strategies:
+        metrics.update(strategy_summary(rows, strategies))
+    return metrics, rows
 
 
 # ---------------------------------------------------------------------------- hicra-eval
@@ -108,7 +125,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
                       cluster_cfg=cfg.cluster, seed=cfg.seed) as session:
         session.wait_ready()
         metrics, rows = evaluate(prompts, [meta.get(p.id, {}) for p in prompts], session.fleet, k=cfg.k,
-                                 temperature=cfg.temperature, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+                                 temperature=cfg.temperature, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
+                                 strategies=dict(cfg.data.strategies))
     metrics["eval/seconds"] = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,17 +59,32 @@ def _fmt_step(left: int, term: int) -> str:
     return f"{left} {op} {abs(term)} = {left + term}"
 
 
+ARITHMETIC_STRATEGIES = ("left_to_right", "group_signs", "direct")
+# the sentence each strategy opens with: where the choice is made (hicra-sg mines it as a Strategic Gram; the
+# strategy-choice testbed, conf/data/strat_*.yaml, tags responses by it)
+STRATEGY_ANNOUNCEMENTS = {
+    "left_to_right": "Let's work from left to right.",
+    "group_signs": "We can add the positive terms first and then subtract the rest.",
+    "direct": "Let's add it all up in one step.",
+}
+
+
 def arithmetic_worked_solution(expression: str, strategy: str) -> str:
     """A step-by-step solution ending in ``\\boxed{}``.
 
     ``left_to_right``: combine the terms one at a time.  ``group_signs``: add up the terms that are
-    added, add up the terms that are subtracted, then subtract once.  Two-term sums are one step.
+    added, add up the terms that are subtracted, then subtract once (two-term sums fall back to
+    ``left_to_right``, the same single step).  ``direct``: the whole expression and its value in one line
+    (no intermediate results: a small model must get every carry right at once).
     """
+    if strategy not in ARITHMETIC_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(ARITHMETIC_STRATEGIES)})")
     terms = parse_additive_expression(expression)
     total = sum(terms)
-    lines = []
-    if len(terms) == 2 or strategy == "left_to_right":
-        lines.append("Let's work from left to right.")
+    if strategy == "group_signs" and len(terms) == 2:
+        strategy = "left_to_right"
+    lines = [STRATEGY_ANNOUNCEMENTS[strategy]]
+    if strategy == "left_to_right":
         acc = terms[0]
         for t in terms[1:]:
             lines.append(_fmt_step(acc, t))
@@ -77,15 +92,14 @@ def arithmetic_worked_solution(expression: str, strategy: str) -> str:
     elif strategy == "group_signs":
         plus = [t for t in terms if t >= 0]
         minus = [-t for t in terms if t < 0]
-        lines.append("We can add the positive terms first and then subtract the rest.")
         p, m = sum(plus), sum(minus)
         lines.append(f"Added: {' + '.join(map(str, plus))} = {p}" if len(plus) > 1 else f"Added: {p}")
         if minus:
             lines.append(f"Subtracted: {' + '.join(map(str, minus))} = {m}" if len(minus) > 1 else f"Subtracted: {m}")
             lines.append(f"{p} - {m} = {p - m}")
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
-    assert acc == total if strategy == "left_to_right" or len(terms) == 2 else True
+    else:  # direct
+        shown = str(terms[0]) + "".join(f" {'+' if t >= 0 else '-'} {abs(t)}" for t in terms[1:])
+        lines.append(f"{shown} = {total}")
     lines.append(f"So the final answer is \\boxed{{{total}}}.")
     return "\n".join(lines)
 
@@ -105,6 +119,9 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solutions: str = "arithmetic"       # arithmetic | gsm8k | a field name holding the solution text
+    # solutions=arithmetic: the strategies drawn uniformly at random for each problem, independently of it
+    # (ARITHMETIC_STRATEGIES; the strategy-choice testbed uses [left_to_right, direct])
+    strategies: list = field(default_factory=lambda: ["left_to_right", "group_signs"])
     out_dir: str = "${oc.env:HOME}/.cache/hicra-rl/cold_start/default"
     lr: float = 5e-5
     warmup_steps: int = 5
@@ -127,17 +144,21 @@ def validate_sft(cfg: SFTConfig) -> None:
     _check(cfg.max_steps >= 1, "max_steps", "must be >= 1")
     _check(cfg.lr > 0, "lr", "must be > 0")
     _check(cfg.max_minutes > 0, "max_minutes", "must be > 0")
+    _check(len(cfg.strategies) >= 1 and len(set(cfg.strategies)) == len(cfg.strategies)
+           and all(x in ARITHMETIC_STRATEGIES for x in cfg.strategies), "strategies",
+           f"must be distinct names from {list(ARITHMETIC_STRATEGIES)}, got {list(cfg.strategies)}")
     _check(cfg.model.dtype in MODEL_DTYPES, "model.dtype", f"{cfg.model.dtype!r} is not one of {MODEL_DTYPES}")
 
 
-def solution_for(row: dict, solutions: str, rng: random.Random) -> str:
+def solution_for(row: dict, solutions: str, rng: random.Random,
+                 strategies: tuple = ("left_to_right", "group_signs")) -> str:
     if solutions == "arithmetic":
         gold = json.loads(row["gold_entry"]) if row.get("gold_entry") else None
         expression = (gold or {}).get("metadata", {}).get("expression")
         if not expression:
             raise ValueError(f"row {row['id']}: no arithmetic expression in the task metadata (solutions=arithmetic "
                              "needs reasoning-gym basic_arithmetic or chain_sum with + and - only)")
-        return arithmetic_worked_solution(expression, rng.choice(["left_to_right", "group_signs"]))
+        return arithmetic_worked_solution(expression, rng.choice(list(strategies)))
     if solutions == "gsm8k":
         if not row.get("raw_solution"):
             raise ValueError(f"row {row['id']}: no GSM8K solution text found for it (solutions=gsm8k needs GSM8K train)")
@@ -164,7 +185,7 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
     rng = random.Random(cfg.seed)
     examples = []
     for p in prompt_set.prompts:
-        text = solution_for(rows[p.id], cfg.solutions, rng)
+        text = solution_for(rows[p.id], cfg.solutions, rng, tuple(cfg.strategies))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((p.token_ids, ids))
     return examples

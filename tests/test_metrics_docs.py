@@ -18,6 +18,7 @@ def documented_keys() -> set[str]:
 def as_documented(key: str) -> str:
     """A logged key in its documented form: numbers in keys become their placeholder."""
     key = re.sub(r"pass@\d+$", "pass@G", key)
+    key = re.sub(r"^strategy/(share|accuracy)=\w+$", r"strategy/\1=<name>", key)
     return re.sub(r"^strategy/cluster=\d+$", "strategy/cluster=<id>", key)
 
 
@@ -27,8 +28,8 @@ def test_every_step_metric_is_documented():
         finish_reasons=["stop", "stop"], sg_occurrences=[[(0, 5, "a b c")], []], response_texts=["a b c", "x"],
         planning_mask=torch.zeros(2, 1, dtype=torch.bool), response_mask=torch.ones(2, 1),
         token_entropy=torch.ones(2, 1), token_log_probs=-torch.ones(2, 1), rel_ppl=RelativePerplexity(),
-        pass_k=2, gram_clusters={"a b c": 0, "d e f": 1},
+        pass_k=2, gram_clusters={"a b c": 0, "d e f": 1}, strategies={"abc": "a b c", "xyz": "x y z"},
     )
-    assert {"strategy/cluster=0", "strategy/cluster=1"} <= set(m)
+    assert {"strategy/cluster=0", "strategy/cluster=1", "strategy/share=abc", "strategy/mixed_group_frac"} <= set(m)
     undocumented = {as_documented(k) for k in m} - documented_keys()
     assert undocumented == set(), f"undocumented metrics: {sorted(undocumented)}"

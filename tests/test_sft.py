@@ -36,13 +36,35 @@ def test_worked_solutions_hand_written():
     assert arithmetic_worked_solution("4 - 1", "group_signs").endswith("4 - 1 = 3\nSo the final answer is \\boxed{3}.")
 
 
+def test_direct_strategy_is_one_line():
+    assert arithmetic_worked_solution("5 - 33 + 65 - 1", "direct") == (
+        "Let's add it all up in one step.\n5 - 33 + 65 - 1 = 36\nSo the final answer is \\boxed{36}."
+    )
+    # two terms keep the direct announcement (the testbed's choice is the announcement, not the execution)
+    assert arithmetic_worked_solution("4 - 1", "direct") == (
+        "Let's add it all up in one step.\n4 - 1 = 3\nSo the final answer is \\boxed{3}."
+    )
+    with pytest.raises(ValueError, match="unknown strategy 'guess'"):
+        arithmetic_worked_solution("4 - 1", "guess")
+
+
+def test_solution_for_draws_the_configured_strategies_independently_of_the_problem():
+    from hicra_rl.sft import STRATEGY_ANNOUNCEMENTS
+
+    row = {"id": "r", "gold_entry": '{"metadata": {"expression": "12 + 30 - 7"}}'}
+    rng = random.Random(0)
+    firsts = [solution_for(row, "arithmetic", rng, ("left_to_right", "direct")).split("\n")[0] for _ in range(400)]
+    counts = {name: firsts.count(STRATEGY_ANNOUNCEMENTS[name]) for name in ("left_to_right", "direct")}
+    assert sum(counts.values()) == 400 and 160 <= counts["direct"] <= 240  # binomial(400, 1/2): mean 200, sd 10
+
+
 def test_worked_solution_is_accepted_by_the_verifier():
     rng = random.Random(0)
     for _ in range(50):
         terms = [rng.randint(0, 99) for _ in range(rng.randint(2, 4))]
         expr = " ".join([str(terms[0])] + [f"{rng.choice('+-')} {t}" for t in terms[1:]])
         gold = sum(parse_additive_expression(expr))
-        for strategy in ("left_to_right", "group_signs"):
+        for strategy in ("left_to_right", "group_signs", "direct"):
             assert verify(arithmetic_worked_solution(expr, strategy), str(gold)), (expr, strategy)
 
 

@@ -10,6 +10,7 @@ import torch
 from hicra_rl.metrics.entropy import conditional_entropy, semantic_entropy, split_token_means
 from hicra_rl.metrics.passk import mean_pass_at_k
 from hicra_rl.metrics.perplexity import RelativePerplexity, split_perplexity
+from hicra_rl.metrics.strategies import strategy_metrics
 
 
 def following_ngram(text: str, end: int, n: int = 3) -> str | None:
@@ -70,11 +71,14 @@ def step_metrics(
     rel_ppl: RelativePerplexity,
     pass_k: int,
     gram_clusters: dict[str, int] | None = None,
+    strategies: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Semantic entropy, planning/execution token entropy and (relative) perplexity, reward,
     accuracy, Pass@k over each prompt's G samples, response length and the planning-token share;
     with ``gram_clusters`` (SG -> cluster id, e.g. ``Lexicon.cluster_of``) also the share of
-    responses using each strategy cluster (:func:`strategy_usage`)."""
+    responses using each strategy cluster (:func:`strategy_usage`); with ``strategies`` (name -> announcing
+    phrase, ``data.strategies``) the share and accuracy of each named strategy
+    (:func:`hicra_rl.metrics.strategies.strategy_metrics`)."""
     out: dict[str, float] = {}
     out["reward/mean"] = float(np.mean(rewards)) if rewards else math.nan
     out["reward/accuracy"] = float(np.mean(correct)) if correct else math.nan
@@ -93,6 +97,8 @@ def step_metrics(
 
     if gram_clusters is not None:
         out.update(strategy_usage(sg_occurrences, gram_clusters))
+    if strategies:
+        out.update(strategy_metrics(response_texts, correct, group_ids, strategies))
     sg_occurrences = [maximal_occurrences(occ) for occ in sg_occurrences]
     used = [[ng for _, _, ng in occ] for occ in sg_occurrences]
     out["strategic/semantic_entropy"] = semantic_entropy(used)
