@@ -3,6 +3,7 @@ a bounded wait whose error names the stuck component (nothing hangs)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -14,6 +15,8 @@ from typing import Any
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger("hicra_rl")
 
 
 class ComponentTimeout(TimeoutError):
@@ -76,12 +79,21 @@ def keep_signal_handlers():
 
 
 def _init(address: str | None, num_cpus: int | None, env: dict) -> None:
+    """Join ``address``, or start this run's own local Ray, and say in one line which it did."""
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        # a local Ray listens on the loopback interface only (nothing of it is reachable from the network)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
-                 _node_ip_address="127.0.0.1")
+        source = "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "cluster.address"
+        log.info("Ray: joined the cluster at %s (%s)", address, source)
+        return
+    # address="local": a new cluster whatever Ray's files say.  Without it ray.init joins the latest head
+    # started on this machine (/tmp/ray/ray_current_cluster, left behind by launch/start_head.sh even when
+    # the head was killed) and refuses num_cpus.  A local Ray listens on the loopback interface only
+    # (nothing of it is reachable from the network).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
+    cpus = f"{num_cpus} CPUs" if num_cpus else "every CPU"
+    log.info("Ray: started a local cluster for this run (127.0.0.1, %s); to run on a Ray head started on this "
+             "machine instead, set cluster.address=auto", cpus)
 
 
 

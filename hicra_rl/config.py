@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from hicra_rl.errors import BadInputError
+
 ALGORITHMS = ("hicra", "grpo", "entropy_reg", "dr_grpo", "hicra_adaptive")
 # the dtypes a run can train in: the learner and vLLM use the same one (float16 has no loss scaling here)
 MODEL_DTYPES = ("float32", "bfloat16")
@@ -131,12 +133,16 @@ class RolloutConfig:
     # while step t trains, with the weights of step t-1's end; new weights reach vLLM at the step boundary.
     # 0 = the synchronous loop.  With 1, use algorithm.rollout_correction (token_tis) for the stale samples
     staleness: int = 0
-    # DAPO dynamic sampling (verl algorithm.filter_groups): drop groups whose rewards are all equal (no
-    # signal) and generate further rounds of prompts_per_step prompts until the step has prompts_per_step
-    # informative groups, at most filter_groups_max_rounds extra rounds (then the step is filled up with
-    # uninformative groups, counted in dynamic_sampling/filled_groups)
+    # DAPO dynamic sampling (verl algorithm.filter_groups): drop groups whose responses are all right or all
+    # wrong (no signal) and generate further rounds of prompts_per_step prompts until the step has
+    # prompts_per_step informative groups, at most filter_groups_max_rounds extra rounds (then the step is
+    # filled up with uninformative groups, counted in dynamic_sampling/filled_groups and left out of the loss)
     filter_groups: bool = False
     filter_groups_max_rounds: int = 3
+    # what makes a group informative: correct = its responses differ in correctness (DAPO, verl's
+    # filter_groups.metric=acc); reward = their rewards differ (with length / format shaping, an all-correct
+    # group of different lengths then counts as informative)
+    filter_groups_metric: str = "correct"
 
 
 @dataclass
@@ -319,7 +325,7 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError):
     """A configuration value is invalid; the message names the key."""
 
 
@@ -354,12 +360,14 @@ def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
 
 
 def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) -> None:
-    """Run ``run_fn(typed_cfg)`` as a Hydra app on ``conf/<config_name>.yaml``; config errors exit 2 with
-    one line naming the key."""
+    """Run ``run_fn(typed_cfg)`` as a Hydra app on ``conf/<config_name>.yaml``.  A user-input error (a config
+    value, a data file or row, a model directory, a lexicon: ``hicra_rl.errors.UserInputError``) prints one
+    line ``<prog>: <message>`` and exits 2; ``HYDRA_FULL_ERROR=1`` shows its traceback instead."""
     import logging
-    import sys
 
     import hydra
+
+    from hicra_rl.errors import hydra_full_error, user_errors_in_one_line
 
     ConfigStore.instance().store(name=f"{config_name}_schema" if config_name != "config" else "hicra_schema",
                                  node=schema)
@@ -367,12 +375,9 @@ def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) 
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)
     def _main(dcfg: DictConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        try:
+        with user_errors_in_one_line(prog, debug=hydra_full_error()):
             cfg = typed_config(schema, dcfg, validate_fn)
-        except ConfigError as err:
-            print(f"{prog}: {err}", file=sys.stderr)
-            sys.exit(2)
-        run_fn(cfg)
+            run_fn(cfg)
 
     _main()
 
@@ -470,6 +475,8 @@ def validate(cfg: TrainConfig) -> None:
            f"got {r.staleness}")
     _check(r.filter_groups_max_rounds >= 0, "rollout.filter_groups_max_rounds",
            f"must be >= 0, got {r.filter_groups_max_rounds}")
+    _check(r.filter_groups_metric in ("correct", "reward"), "rollout.filter_groups_metric",
+           f"must be correct or reward, got {r.filter_groups_metric!r}")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
     lex = cfg.data.lexicon if cfg.strategic.lexicon == "auto" else cfg.strategic.lexicon
     _check(lex in SHIPPED_LEXICONS or os.path.isfile(lex), "strategic.lexicon",

@@ -32,6 +32,7 @@ from hicra_rl.algo import hicra_step_advantages
 from hicra_rl.batch import RolloutBatch, pad_ragged
 from hicra_rl.config import TrainConfig, as_plain_dict, learner_process_env, lexicon_path, policy_loss_config
 from hicra_rl.evaluation import evaluate
+from hicra_rl.fmt import fmt_float
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 from hicra_rl.learner.sequences import build_sequences
 
@@ -69,13 +70,15 @@ def extra_prompt_indices(step: int, round_: int, n_items: int, per_step: int, se
 @dataclass
 class Produced:
     """A step's scored rollouts and how they were made: the weights version that sampled them (syncs done
-    before), the generate/reward timings and the dynamic-sampling statistics."""
+    before), the generate/reward timings, the dynamic-sampling statistics and the groups (indices into
+    ``batch``'s group ids) that only fill the batch up and stay out of the loss."""
 
     batch: RolloutBatch
     prompts: list
     version: int
     times: dict[str, float]
     stats: dict[str, float]
+    fill_groups: tuple[int, ...] = ()
 
 
 class Background:
@@ -184,16 +187,6 @@ class Trainer:
         return path
 
     def setup(self) -> None:
-        from transformers import AutoTokenizer
-
-        from hicra_rl import cluster
-        from hicra_rl.actors import LearnerWorker, MetricsWorker
-        from hicra_rl.data.setup import load_prompts
-        from hicra_rl.fleet import FleetSession, LearnerGroup, RemoteMetrics
-        from hicra_rl.models import resolve_model
-        from hicra_rl.strategic.lexicon import load_lexicon
-        from hicra_rl.strategic.tagger import PlanningTagger
-
         cfg, t0 = self.cfg, time.perf_counter()
         cl, lc = cfg.cluster, cfg.learner
         resume = self.resume_checkpoint()
@@ -204,20 +197,12 @@ class Trainer:
         leftovers.reap(self.run_dir)  # processes of an earlier run of this directory that was SIGKILLed
         write_json_atomic(self.run_dir / "config.json", as_plain_dict(cfg), indent=2)
 
-        self.model_path = resolve_model(cfg.trainer.init_checkpoint or cfg.model.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.lexicon = load_lexicon(lexicon_path(cfg))
-        self.tagger = PlanningTagger(self.lexicon, self.tokenizer)
-        self.problems, self.prompt_set = load_prompts(cfg.data, self.tokenizer, cfg.trainer.seed, role="train")
-        self.prompts = self.prompt_set.prompts
-        if cfg.eval_data is not None and cfg.trainer.eval_every > 0:
-            eval_problems, eval_set = load_prompts(cfg.eval_data, self.tokenizer, cfg.eval_data.seed, role="eval",
-                                                   exclude=self.problems)
-            self.eval_prompts = eval_set.prompts
-            meta = {r["id"]: r for r in eval_problems.rows}
-            self.eval_meta = [meta.get(p.id, {}) for p in self.eval_prompts]
+        self.load_inputs()
         log.info("data: %d training prompts, %d eval prompts", len(self.prompts), len(self.eval_prompts))
+
+        from hicra_rl import cluster
+        from hicra_rl.actors import LearnerWorker, MetricsWorker
+        from hicra_rl.fleet import FleetSession, LearnerGroup, RemoteMetrics
 
         bundles = {f"learner{i}": {"CPU": cl.cpus_per_actor, "GPU": cl.gpus_per_learner} for i in range(lc.num_ranks)}
         bundles["metrics"] = {"CPU": 0.25}
@@ -263,6 +248,34 @@ class Trainer:
             leftovers.record(self.run_dir)
         self.setup_seconds = time.perf_counter() - t0
 
+    def load_inputs(self) -> None:
+        """The model path, lexicon and data, checked and loaded before any actor starts: the user's inputs
+        first (a bad path, file or row fails within seconds, before transformers loads), then the tokenizer
+        and the prompts."""
+        from hicra_rl.data.setup import load_problem_set, prompts_of
+        from hicra_rl.models import resolve_model
+        from hicra_rl.strategic.lexicon import load_lexicon
+        from hicra_rl.strategic.tagger import PlanningTagger
+
+        cfg = self.cfg
+        self.model_path = resolve_model(cfg.trainer.init_checkpoint or cfg.model.path)
+        self.lexicon = load_lexicon(lexicon_path(cfg))
+        self.problems = load_problem_set(cfg.data, cfg.trainer.seed, role="train")
+        eval_problems = None
+        if cfg.eval_data is not None and cfg.trainer.eval_every > 0:
+            eval_problems = load_problem_set(cfg.eval_data, cfg.eval_data.seed, role="eval", exclude=self.problems)
+        from transformers import AutoTokenizer  # ~6 s to import: after the checks of the user's inputs
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.tagger = PlanningTagger(self.lexicon, self.tokenizer)
+        self.prompt_set = prompts_of(cfg.data, self.tokenizer, self.problems)
+        self.prompts = self.prompt_set.prompts
+        if eval_problems is not None:
+            self.eval_prompts = prompts_of(cfg.eval_data, self.tokenizer, eval_problems).prompts
+            meta = {r["id"]: r for r in eval_problems.rows}
+            self.eval_meta = [meta.get(p.id, {}) for p in self.eval_prompts]
+
     def _after_rollout_restart(self, worker) -> None:
         """A restarted rollout worker gets the current policy weights before it generates again."""
         self.learners.sync_weights(self.fleet, [worker])
@@ -301,9 +314,10 @@ class Trainer:
         prompts = [self.prompts[i] for i in idx]
         batch = self._generate_and_score(step, prompts, rollout_seed(cfg.trainer.seed, step), timer)
         stats: dict[str, float] = {}
+        fill: tuple[int, ...] = ()
         if r.filter_groups:
-            batch, prompts, stats = self._filter_groups(step, batch, prompts, idx, timer)
-        return Produced(batch, prompts, version, timer.times, stats)
+            batch, prompts, stats, fill = self._filter_groups(step, batch, prompts, idx, timer)
+        return Produced(batch, prompts, version, timer.times, stats, fill)
 
     def _generate_and_score(self, step: int, prompts: list, seed: int, timer: Timer):
         r = self.cfg.rollout
@@ -318,18 +332,22 @@ class Trainer:
         return batch
 
     def _filter_groups(self, step: int, batch, prompts: list, idx: list[int], timer: Timer):
-        """DAPO dynamic sampling.  Round k >= 1 draws ``prompts_per_step`` prompts from
-        ``extra_prompt_indices(step, k)``, a pure function of (seed, step, round): the data position stays
-        exact across a resume.  After ``filter_groups_max_rounds`` extra rounds the step is filled up with
-        uninformative groups (advantage 0) so the learner's batch keeps its shape."""
+        """DAPO dynamic sampling.  A group is informative when its responses differ in correctness
+        (``rollout.filter_groups_metric=correct``, DAPO's choice; ``reward``: when the shaped rewards
+        differ).  Round k >= 1 draws ``prompts_per_step`` prompts from ``extra_prompt_indices(step, k)``, a
+        pure function of (seed, step, round): the data position stays exact across a resume.  After
+        ``filter_groups_max_rounds`` extra rounds the step is filled up with uninformative groups so the
+        learner's batch keeps its shape; their indices are returned so they stay out of the loss (DAPO
+        averages over the kept groups only).  Returns (batch, prompts, stats, fill-up group indices)."""
         cfg, r = self.cfg, self.cfg.rollout
         want = r.prompts_per_step
         kept, spare, seen = [], [], 0   # (batch, group, prompt) of informative / uninformative groups
+        generated = 0                   # response tokens of every round (dropped groups too)
         rounds, used = 0, list(idx)  # the main round's prompts; extra rounds exclude what the step used
         while True:
+            generated += sum(batch.lengths)
             for g in range(len(prompts)):
-                rewards = {batch.scores[i].reward for i, gi in enumerate(batch.group_ids) if gi == g}
-                (kept if len(rewards) > 1 else spare).append((batch, g, prompts[g]))
+                (kept if self._informative(batch, g) else spare).append((batch, g, prompts[g]))
             seen += len(prompts)
             if len(kept) >= want or rounds >= r.filter_groups_max_rounds:
                 break
@@ -346,10 +364,30 @@ class Trainer:
         stats = {"dynamic_sampling/rounds": float(rounds),
                  "dynamic_sampling/filtered_frac": 1.0 - len(kept) / seen,
                  "dynamic_sampling/filled_groups": float(max(0, want - len(kept))),
+                 "dynamic_sampling/generated_tokens": float(generated),
                  # the filter keeps mixed groups, so the kept batch's accuracy leans to 0.5: this is the
                  # accuracy of everything generated (what hicra_adaptive's competence reads)
                  "dynamic_sampling/accuracy_before_filter": float(np.mean(every)) if every else float("nan")}
-        return out, [p for _, _, p in chosen], stats
+        fill = tuple(range(min(len(kept), want), len(chosen)))  # out's group ids follow the chosen order
+        return out, [p for _, _, p in chosen], stats, fill
+
+    def _informative(self, batch, group: int) -> bool:
+        """Whether ``group``'s responses differ in correctness (or in reward, with
+        ``rollout.filter_groups_metric=reward``): a group that does not carries no signal."""
+        by_reward = self.cfg.rollout.filter_groups_metric == "reward"
+        values = {s.reward if by_reward else bool(s.correct)
+                  for s, g in zip(batch.scores, batch.group_ids) if g == group}
+        return len(values) > 1
+
+    @staticmethod
+    def _fill_loss_mask(batch, fill_groups: tuple[int, ...], width: int) -> torch.Tensor | None:
+        """The learner's loss mask [B, width]: 0 on every token of the fill-up groups (no loss, no share
+        of the token-mean or sequence-mean denominators, no entropy or KL term), 1 elsewhere; None when
+        there are none."""
+        if not fill_groups:
+            return None
+        left_out = torch.tensor([g in fill_groups for g in batch.group_ids])
+        return (~left_out).float()[:, None].expand(len(batch.group_ids), width).contiguous()
 
     def _learn(self, step: int, produced: Produced, t_step: float, before_sync) -> dict[str, float]:
         cfg, timer = self.cfg, Timer()
@@ -379,6 +417,9 @@ class Trainer:
 
         # 6. policy update (vLLM's sampling log-probs are the behaviour policy of the rollout correction)
         update_kw = {"behaviour_log_probs": sampling_lp} if self.uses_behaviour_log_probs else {}
+        loss_mask = self._fill_loss_mask(batch, produced.fill_groups, width)
+        if loss_mask is not None:  # dynamic sampling's fill-up groups: DAPO averages over the kept groups only
+            update_kw["loss_mask"] = loss_mask
         with timer("update"):
             stats, forward_lp, forward_entropy = self.learners.update(sequences, old_lp, adv.token, ref_lp,
                                                                       **update_kw)
@@ -401,7 +442,9 @@ class Trainer:
                  **self._batch_stats(batch, adv, old_lp, sampling_lp, self.logprobs_comparable), **timer.times,
                  **produced.stats}
         extra["timing/step_s"] = time.perf_counter() - t_step  # the metrics call itself is in no row
-        extra["perf/generate_tokens_per_s"] = sum(batch.lengths) / max(timer.times["timing/generate_s"], 1e-9)
+        # every token generated (under dynamic sampling: all rounds, dropped groups too) over the generation time
+        generated = produced.stats.get("dynamic_sampling/generated_tokens", float(sum(batch.lengths)))
+        extra["perf/generate_tokens_per_s"] = generated / max(timer.times["timing/generate_s"], 1e-9)
         extra["rollout/policy_lag"] = float(self.weights_version - 1 - produced.version)
         extra.update(getattr(self.fleet, "faults", {}))
         extra["faults/nonfinite_updates"] = float(self.nonfinite_updates)
@@ -534,17 +577,17 @@ class Trainer:
 
 
 def console_line(step: int, m: dict[str, float]) -> str:
-    def f(key, fmt="{:.3f}"):
+    def f(key, spec=".3f"):
         v = m.get(key)
-        return "nan" if v is None or (isinstance(v, float) and v != v) else fmt.format(v)
+        return "nan" if v is None or (isinstance(v, float) and v != v) else fmt_float(v, spec)
 
     return (f"step {step}: reward {f('reward/mean')} acc {f('reward/accuracy')} "
             f"sem_H {f('strategic/semantic_entropy')} tokH plan/exec {f('token_entropy/planning')}/"
-            f"{f('token_entropy/execution')} len {f('response/length_mean', '{:.0f}')} "
-            f"pg {f('actor/pg_loss', '{:.4f}')} gnorm {f('actor/grad_norm')} | "
-            f"gen {f('timing/generate_s', '{:.1f}')}s rew {f('timing/reward_s', '{:.1f}')}s "
-            f"learn {f('timing/update_s', '{:.1f}')}s sync {f('timing/sync_s', '{:.1f}')}s "
-            f"step {f('timing/step_s', '{:.1f}')}s")
+            f"{f('token_entropy/execution')} len {f('response/length_mean', '.0f')} "
+            f"pg {f('actor/pg_loss', '.4f')} gnorm {f('actor/grad_norm')} | "
+            f"gen {f('timing/generate_s', '.1f')}s rew {f('timing/reward_s', '.1f')}s "
+            f"learn {f('timing/update_s', '.1f')}s sync {f('timing/sync_s', '.1f')}s "
+            f"step {f('timing/step_s', '.1f')}s")
 
 
 class Interrupted(KeyboardInterrupt):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hicra_rl.config import ClusterConfig, EvalDataConfig, ModelConfig, RewardConfig, RolloutConfig, _check
+from hicra_rl.fmt import fmt_float
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 from hicra_rl.metrics.passk import mean_pass_at_k
 
@@ -103,24 +104,24 @@ def validate_eval(cfg: EvalConfig) -> None:
 def markdown_table(metrics: dict[str, float], model: str, data: str, k: int, temperature: float) -> str:
     lines = [f"# Evaluation: {model} on {data} (k={k}, T={temperature})", "", "| metric | value |", "| --- | --- |"]
     for key, value in metrics.items():
-        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        lines.append(f"| {key} | {fmt_float(value, '.4f')} |" if isinstance(value, float) else f"| {key} | {value} |")
     return "\n".join(lines) + "\n"
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
-    from hicra_rl.data.setup import load_prompts
+    from hicra_rl.data.setup import load_problem_set, prompts_of
     from hicra_rl.fleet import FleetSession
     from hicra_rl.models import resolve_model
 
     validate_eval(cfg)
     t0 = time.perf_counter()
-    model_path = resolve_model(cfg.model.path)
+    model_path = resolve_model(cfg.model.path)  # the user's inputs first: a bad path or file fails in seconds
+    problems = load_problem_set(cfg.data, cfg.data.seed, role="eval")
+    from transformers import AutoTokenizer  # ~6 s to import: after the checks of the user's inputs
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.data.seed, role="eval")
+    prompts = prompts_of(cfg.data, tokenizer, problems).prompts
     meta = {r["id"]: r for r in problems.rows}
-    prompts = prompt_set.prompts
     with FleetSession(model_path=model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
                       cluster_cfg=cfg.cluster, seed=cfg.seed) as session:
         session.wait_ready()

@@ -160,19 +160,19 @@ class LearnerGroup:
     @_one_at_a_time
     def update(self, sequences: tuple[torch.Tensor, ...], old_log_probs: torch.Tensor | None,
                advantages: torch.Tensor, ref_log_probs: torch.Tensor | None = None,
-               behaviour_log_probs: torch.Tensor | None = None):
+               behaviour_log_probs: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None):
         """(stats, log-probs, entropies); ``old_log_probs`` None is the on-policy update, which returns the
         pre-update policy's log-probs and entropies from its own forward (else those two are None).
-        ``behaviour_log_probs``: vLLM's sampling log-probs (response layout), for rollout correction."""
+        ``behaviour_log_probs``: vLLM's sampling log-probs (response layout), for rollout correction;
+        ``loss_mask`` (response layout, 0/1): tokens left out of the loss and its normalisers."""
         ids, am, rm = sequences
         batches = []
+        optional = {"ref_log_probs": ref_log_probs, "behaviour_log_probs": behaviour_log_probs,
+                    "loss_mask": loss_mask}
         for s in self._shards(len(ids)):
             b = dict(input_ids=ids[s], attention_mask=am[s], response_mask=rm[s], advantages=advantages[s],
                      old_log_probs=None if old_log_probs is None else old_log_probs[s])
-            if ref_log_probs is not None:
-                b["ref_log_probs"] = ref_log_probs[s]
-            if behaviour_log_probs is not None:
-                b["behaviour_log_probs"] = behaviour_log_probs[s]
+            b.update({k: v[s] for k, v in optional.items() if v is not None})
             batches.append(b)
         parts = self._get([w.update.remote(b) for w, b in zip(self.learners, batches)], "learner ranks (update)")
         if parts[0][1] is None:

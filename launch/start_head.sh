@@ -39,10 +39,17 @@ fi
   --dashboard-host "$DASHBOARD_HOST" --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats \
   ${gpus[@]+"${gpus[@]}"} "$@"
 
+# the job API listens on DASHBOARD_HOST: the hint names that address, the node's (HEAD_IP) only when it
+# listens on every interface (with DASHBOARD_HOST=127.0.0.1, HEAD_IP:8265 would be refused)
+case $DASHBOARD_HOST in
+  0.0.0.0 | "::" | "[::]") JOB_API_HOST=$HEAD_IP ;;
+  *) JOB_API_HOST=$DASHBOARD_HOST ;;
+esac
+
 cat <<MSG
 
 hicra-rl head is up (job API on $DASHBOARD_HOST:$DASHBOARD_PORT, auth: ${RAY_AUTH_MODE:-none}).
   join a worker:  HEAD_ADDRESS=$HEAD_IP:$RAY_PORT RAY_AUTH_TOKEN=\$($RAY_CLI get-auth-token) launch/join_worker.sh
-  submit a job:   RAY_ADDRESS=http://$HEAD_IP:$DASHBOARD_PORT launch/submit.sh +paper=qwen3_4b_base ...
+  submit a job:   RAY_ADDRESS=http://$JOB_API_HOST:$DASHBOARD_PORT launch/submit.sh +paper=qwen3_4b_base ...
   cluster state:  ray status --address $HEAD_IP:$RAY_PORT
 MSG

@@ -241,6 +241,27 @@ def test_submit_sh_names_a_missing_runtime_env(tmp_path):
     assert out.returncode == 2 and f"{tmp_path / 'nope.yaml'} does not exist" in out.stderr
 
 
+@pytest.mark.parametrize("dashboard_host, submit_to", [
+    ("127.0.0.1", "127.0.0.1"),     # the job API on loopback only: the node's address would be refused
+    ("10.0.0.7", "10.0.0.7"),       # one interface
+    ("0.0.0.0", "10.0.0.5"),        # every interface: the node's address (HEAD_IP) reaches it
+])
+def test_start_head_hint_submits_where_the_job_api_listens(tmp_path, dashboard_host, submit_to):
+    """The "submit a job" line of start_head.sh names an address the job API (dashboard) listens on; the
+    worker-join and status lines keep the GCS address (HEAD_IP), which listens on the node's address."""
+    fake = tmp_path / "fake_ray"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "RAY_CLI": str(fake), "HEAD_IP": "10.0.0.5", "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "t",
+           "DASHBOARD_HOST": dashboard_host}
+    out = subprocess.run([str(REPO / "launch" / "start_head.sh")], capture_output=True, text=True, env=env,
+                         timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    submit = next(line for line in out.stdout.splitlines() if "submit a job:" in line)
+    assert f"RAY_ADDRESS=http://{submit_to}:8265 launch/submit.sh" in submit
+    assert "HEAD_ADDRESS=10.0.0.5:6379" in out.stdout and "ray status --address 10.0.0.5:6379" in out.stdout
+
+
 def test_join_worker_needs_the_head_address():
     env = {k: v for k, v in os.environ.items() if k != "HEAD_ADDRESS"}
     out = subprocess.run([str(REPO / "launch" / "join_worker.sh")], capture_output=True, text=True, env=env,

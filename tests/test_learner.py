@@ -431,3 +431,75 @@ def test_a_nonfinite_update_is_skipped_and_the_next_one_applies(tiny_llama, port
     moved = learner.full_state_dict()
     assert all(torch.isfinite(v).all() for v in moved.values())
     assert any(not torch.equal(before[k], moved[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------- masked rows, sequence statistics
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_masked_rows_give_the_gradient_of_the_kept_rows_alone(tiny_llama, port, agg_mode):
+    """Dynamic sampling's fill-up groups (advantage 0) come with a loss mask of 0: the update's loss,
+    entropy term, gradient (weights after AdamW with eps = 1) and token / sequence counts are those of
+    the kept rows alone, so the fill-up does not shrink the step's policy gradient."""
+    loss_cfg = PolicyLossConfig(agg_mode=agg_mode, entropy_coef=0.01)
+    cfg = LearnerConfig(zero_stage=0, lr=0.1, eps=1.0, micro_batch_size=2)
+    prompts, responses = random_rows(31, [3, 3, 5, 5, 2, 2], [6, 2, 4, 7, 5, 3])  # rows 4, 5: the fill-up
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    width = 7
+    adv = torch.randn(6, width, generator=torch.Generator().manual_seed(32))
+    adv[4:] = 0.0
+    keep = torch.ones(6, width)
+    keep[4:] = 0.0
+
+    masked = PolicyLearner(cfg, model_path=tiny_llama, master_port=port, loss=loss_cfg)
+    stats_m = masked.update(PolicyBatch(ids, am, rm, None, adv, loss_mask=keep))
+    kept = PolicyLearner(cfg, model_path=tiny_llama, master_port=port, loss=loss_cfg)
+    stats_k = kept.update(PolicyBatch(ids[:4], am[:4], rm[:4], None, adv[:4]))
+    for key in ("actor/pg_loss", "actor/loss", "actor/grad_norm", "actor/entropy", "actor/n_tokens"):
+        assert stats_m[key] == pytest.approx(stats_k[key], rel=1e-5, abs=1e-7), key
+    assert stats_m["actor/n_tokens"] == 6 + 2 + 4 + 7
+    weights_m, weights_k = masked.full_state_dict(), kept.full_state_dict()
+    for name in weights_k:
+        torch.testing.assert_close(weights_m[name], weights_k[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_an_all_masked_batch_is_a_zero_loss_not_a_nonfinite_one(tiny_llama, port, agg_mode):
+    """Every group a fill-up (no informative group in any round): nothing counts, the loss is 0 and finite
+    (not 0 / 0), the update is not reported as non-finite."""
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-2, micro_batch_size=2), model_path=tiny_llama,
+                            master_port=port, loss=PolicyLossConfig(agg_mode=agg_mode))
+    prompts, responses = random_rows(33, [2, 4], [3, 5])
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    stats = learner.update(PolicyBatch(ids, am, rm, None, torch.zeros(2, 5), loss_mask=torch.zeros(2, 5)))
+    assert stats["actor/nonfinite_skipped"] == 0.0 and stats["actor/loss"] == 0.0
+    assert stats["actor/grad_norm"] == 0.0 and stats["actor/n_tokens"] == 0.0
+
+
+@pytest.mark.parametrize("mode, share_key, shift", [
+    ("seq_mask", "rollout_corr/masked_frac", 1.0),   # row 0: geometric-mean ratio e^-1, outside [1/2, 2]
+    ("seq_tis", "rollout_corr/capped_frac", -1.0),   # row 0: sequence ratio e^9 > 2: truncated
+])
+def test_sequence_level_rollout_corr_stats_are_shares_of_sequences(tiny_llama, port, mode, share_key, shift):
+    """rollout_corr/masked_frac, log_ppl_diff and (seq_tis) capped_frac are over sequences
+    (docs/metrics.md): across micro-batches of very different token counts they equal the whole batch's
+    share / mean of sequences, not a token-weighted mean of the micro-batches' values (9 / 16 here)."""
+    from hicra_rl.algo.losses import rollout_correction
+
+    loss_cfg = PolicyLossConfig(rollout_correction=mode, rollout_correction_cap=2.0)
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=1e-3, micro_batch_size=1), model_path=tiny_llama,
+                            master_port=port, loss=loss_cfg)
+    prompts, responses = random_rows(34, [2, 3, 2, 4], [9, 2, 3, 2])  # row 0 holds 9 of the 16 tokens
+    ids, am, rm = build_sequences(prompts, responses, pad_id=0)
+    width = 9
+    mask = response_layout_mask(torch.tensor([len(r) for r in responses]), width)
+    lp, _ = learner.compute_log_probs(ids, am, rm, width=width)
+    behaviour = lp.clone()
+    behaviour[0] += shift * mask[0]
+    stats = learner.update(PolicyBatch(ids, am, rm, lp, torch.zeros(4, width), behaviour_log_probs=behaviour))
+    _, _, whole = rollout_correction(lp, behaviour, mask, mode, 2.0)
+    assert whole[share_key] == pytest.approx(0.25)  # 1 of 4 sequences
+    assert whole["rollout_corr/log_ppl_diff"] == pytest.approx(shift / 4, abs=1e-6)  # (shift + 0 + 0 + 0) / 4
+    for key in (share_key, "rollout_corr/log_ppl_diff"):
+        assert stats[key] == pytest.approx(whole[key], abs=1e-6), key
+    for key in ("rollout_corr/ratio_mean", "rollout_corr/kl", "rollout_corr/k3_kl"):  # per-token stats
+        assert stats[key] == pytest.approx(whole[key], abs=1e-5), key

@@ -1,6 +1,7 @@
 """The step pipeline's switches without Ray (the in-process fakes of ``test_trainer_step``): one-step
 off-policy rollout (``rollout.staleness``), DAPO dynamic sampling (``rollout.filter_groups``), the
 behaviour log-probs handed to the learner, and ``algorithm=hicra_adaptive``'s alpha in the advantages."""
+import dataclasses
 import json
 import threading
 
@@ -45,11 +46,12 @@ class OverlapLearners(FakeLearners):
         super().__init__()
         self.rec, self.behaviour = rec, []
 
-    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None):
+    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None,
+               loss_mask=None):
         self.rec.events.append(f"update {len(self.updates) + 1}")
         self.rec.update_started.set()
         self.behaviour.append(behaviour_log_probs)
-        return super().update(sequences, old_log_probs, advantages, ref_log_probs)
+        return super().update(sequences, old_log_probs, advantages, ref_log_probs, loss_mask=loss_mask)
 
     def sync_weights(self, fleet):
         assert not self.rec.generating.is_set(), "weights must not change while vLLM generates"
@@ -172,6 +174,76 @@ def test_dynamic_sampling_fills_up_with_uninformative_groups_after_the_last_roun
     assert m["data/prompt_ids"] == [f"p{i}" for i in prompt_indices(0, 5, 2, 0, True)]
     _, _, adv = trainer.learners.updates[0]
     assert adv.shape[0] == 4 and torch.count_nonzero(adv) == 0
+
+
+def test_dynamic_sampling_leaves_the_filled_up_groups_out_of_the_loss(tmp_path):
+    """DAPO averages the loss over the kept groups only: the uninformative groups added to keep the
+    batch's shape get a loss mask of 0 (no token in the token-mean denominator, no entropy / KL term),
+    the kept groups 1 on every response token (tests/test_learner.py: such a mask gives exactly the
+    gradient of the kept rows alone)."""
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    r = trainer.cfg.rollout
+    r.filter_groups, r.filter_groups_max_rounds = True, 2
+    trainer.fleet = MixedFleet(flat={2, 3, 4, 5})  # only p0 ([9, 1]) carries signal
+    m = trainer.train_step(0)
+    metrics.close()
+    # main round [2, 4] flat; round 1 [0, 3]: p0 kept; round 2 [1]: flat. p0's group, then p2's to fill up
+    assert m["data/prompt_ids"] == ["p0", "p2"] and m["dynamic_sampling/filled_groups"] == 1.0
+    (_, _, adv), mask = trainer.learners.updates[0], trainer.learners.loss_masks[0]
+    assert mask is not None and mask.shape == adv.shape
+    assert mask[:2].tolist() == [[1.0] * 8, [1.0] * 8] and mask[2:].sum() == 0  # p0's 2 responses, p2's 2
+    assert trainer.learners.loss_masks == [mask]
+
+
+def test_dynamic_sampling_without_fill_up_masks_nothing(tmp_path):
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    trainer.cfg.rollout.filter_groups = True
+    trainer.fleet = MixedFleet(flat=frozenset())  # every group informative
+    trainer.train_step(0)
+    metrics.close()
+    assert trainer.learners.loss_masks == [None]
+
+
+class ShapedFleet(MixedFleet):
+    """Every response of the ``flat`` prompts is right, but (as with length or format shaping) their
+    rewards differ: 1.0 for the first, 0.9 for the others."""
+
+    def score(self, batch):
+        out = super().score(batch)
+        for i, g in enumerate(batch.group_ids):
+            if batch.prompt_ids[i][-1] in self.flat and i != batch.group_ids.index(g):
+                out[i] = dataclasses.replace(out[i], reward=0.9)
+        return out
+
+
+def test_dynamic_sampling_judges_groups_by_correctness_not_by_shaped_reward(tmp_path):
+    """DAPO keeps a group when its responses differ in correctness: an all-correct group whose shaped
+    rewards differ (lengths, format) carries no correctness signal and is dropped."""
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    r = trainer.cfg.rollout
+    r.filter_groups, r.filter_groups_max_rounds = True, 3
+    trainer.fleet = ShapedFleet(flat={1, 3, 5})  # p0, p2, p4 all correct (rewards 1.0, 0.9)
+    m = trainer.train_step(0)
+    metrics.close()
+    # as in test_dynamic_sampling_keeps_informative_groups_from_extra_rounds: p2, p4 dropped in the main
+    # round, p0 in round 1; p3 and p1 kept
+    assert m["data/prompt_ids"] == ["p3", "p1"] and m["dynamic_sampling/rounds"] == 2.0
+    assert m["dynamic_sampling/filtered_frac"] == pytest.approx(3 / 5)
+
+
+def test_generate_tokens_per_s_counts_every_rounds_tokens(tmp_path):
+    """Under dynamic sampling, perf/generate_tokens_per_s is every token generated (all rounds, dropped
+    groups too) over the generation time of all rounds, not the kept batch's tokens over that time."""
+    trainer, metrics = make_trainer(tmp_path, total_steps=1, save_every=0)
+    r = trainer.cfg.rollout
+    r.filter_groups, r.filter_groups_max_rounds = True, 3
+    trainer.fleet = MixedFleet(flat={1, 3, 5})
+    m = trainer.train_step(0)
+    metrics.close()
+    # 5 groups generated over 3 rounds: 3 flat (GOOD, GOOD: 16 tokens) and 2 mixed (GOOD, BAD: 9 tokens)
+    assert m["dynamic_sampling/generated_tokens"] == 3 * 16 + 2 * 9
+    assert m["rollout/generated_tokens"] == 2 * 9  # the trained batch
+    assert m["perf/generate_tokens_per_s"] * m["timing/generate_s"] == pytest.approx(66.0)
 
 
 def test_dynamic_sampling_data_position_is_a_function_of_the_step(tmp_path):

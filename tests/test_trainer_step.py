@@ -51,6 +51,7 @@ class FakeLearners:
 
     def __init__(self):
         self.updates, self.saves, self.syncs, self.forwards = [], [], 0, 0
+        self.loss_masks = []  # the loss_mask of each update (None: every response token counts)
 
     def log_probs(self, sequences, width):
         self.forwards += 1
@@ -66,8 +67,10 @@ class FakeLearners:
     def ref_log_probs(self, sequences, width):
         raise AssertionError("kl_coef is 0: no reference log-probs")
 
-    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None):
+    def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None,
+               loss_mask=None):
         self.updates.append((sequences, old_log_probs, advantages))
+        self.loss_masks.append(loss_mask)
         stats = {"actor/pg_loss": 0.0, "actor/grad_norm": 1.0}
         if old_log_probs is None:  # on-policy: the update's own forward gives the pre-update log-probs
             return (stats, *self._log_probs(sequences, advantages.shape[1]))

@@ -226,6 +226,14 @@ def rollout_correction(
     return weights.to(dtype), keep.to(dtype), stats
 
 
+def sequence_level_stats(mode: str) -> tuple[str, ...]:
+    """The ``rollout_corr/*`` statistics of ``rollout_correction`` that are shares or means over sequences
+    (not tokens) for ``mode``: ``masked_frac``, ``log_ppl_diff``, and ``capped_frac`` under ``seq_tis``.  A
+    caller combining micro-batches weights them by sequences, the others by tokens."""
+    return ("rollout_corr/masked_frac", "rollout_corr/log_ppl_diff") + (
+        ("rollout_corr/capped_frac",) if mode == "seq_tis" else ())
+
+
 @dataclass
 class PolicyLossConfig:
     clip_ratio_low: float = 0.2

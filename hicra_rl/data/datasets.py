@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 
+from hicra_rl.errors import BadInputError, InputNotFoundError
 from hicra_rl.rewards.math import gsm8k_gold
 
 __all__ = [
@@ -64,7 +65,7 @@ _DAPO_PREFIX = (
 _DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 
-class BadRowError(ValueError):
+class BadRowError(BadInputError):
     """A row that cannot become a problem: names the file, the row (1-based) and the field."""
 
     def __init__(self, source: str, row: int, field_name: str, reason: str):
@@ -176,14 +177,14 @@ def builtin_spec(name: str, path: str | None = None, data_root: str | Path | Non
     elif name == "deepscaler":
         kwargs = {"path": None, "fields": FieldMap(problem="problem", answer="answer")}
     else:
-        raise ValueError(f"unknown built-in dataset {name!r}; known: {BUILTIN_SPECS}")
+        raise BadInputError(f"unknown built-in dataset {name!r}; known: {BUILTIN_SPECS}")
     if path is not None:
         kwargs["path"] = str(path)
     if overrides.get("hub"):
         kwargs["path"] = None
     kwargs.update(overrides)
     if kwargs.get("path") is None and not kwargs.get("hub"):
-        raise ValueError(f"built-in dataset {name!r} needs path= to a local copy (or hub= with network)")
+        raise BadInputError(f"built-in dataset {name!r} needs path= to a local copy (or hub= with network)")
     return DatasetSpec(name=name, **kwargs)
 
 
@@ -207,9 +208,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
         try:
             items = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+            raise BadInputError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+            raise BadInputError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         return list(enumerate(items, start=1))
     out: list[tuple[int, Any]] = []
     for line_no, raw in enumerate(data.splitlines(), start=1):
@@ -238,15 +239,15 @@ def _read_source(spec: DatasetSpec) -> tuple[str, list[tuple[int, Any]]]:
         return f"hub:{spec.hub}[{spec.split}]", list(enumerate(ds, start=1))
     path = Path(spec.path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset {spec.name!r}: {path} does not exist")
+        raise InputNotFoundError(f"dataset {spec.name!r}: {path} does not exist")
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
         except FileNotFoundError as exc:  # a folder save_to_disk did not write
-            raise ValueError(f"dataset {spec.name!r}: {path} is a directory but not a save_to_disk dataset ({exc})") from None
+            raise BadInputError(f"dataset {spec.name!r}: {path} is a directory but not a save_to_disk dataset ({exc})") from None
         if isinstance(ds, datasets.DatasetDict):
             if spec.split not in ds:
-                raise ValueError(f"{path}: no split {spec.split!r}; splits: {list(ds)}")
+                raise BadInputError(f"{path}: no split {spec.split!r}; splits: {list(ds)}")
             ds = ds[spec.split]
         return str(path), list(enumerate(ds, start=1))
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
@@ -254,15 +255,15 @@ def _read_source(spec: DatasetSpec) -> tuple[str, list[tuple[int, Any]]]:
         return str(path), _read_jsonl(path)
     if suffix == ".parquet":
         if path.stat().st_size == 0:
-            raise ValueError(f"dataset {spec.name!r}: {path} is empty (0 bytes), not a Parquet file")
+            raise BadInputError(f"dataset {spec.name!r}: {path} is empty (0 bytes), not a Parquet file")
         with tempfile.TemporaryDirectory(prefix="hicra-parquet-") as cache_dir:  # leave no cache behind
             try:
                 ds = datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir, keep_in_memory=True)
             except Exception as exc:  # pyarrow's ArrowInvalid and friends do not name the file
-                raise ValueError(f"dataset {spec.name!r}: {path} is not a readable Parquet file: "
+                raise BadInputError(f"dataset {spec.name!r}: {path} is not a readable Parquet file: "
                                  f"{type(exc).__name__}: {exc}") from None
             return str(path), list(enumerate(ds, start=1))
-    raise ValueError(f"dataset {spec.name!r}: {path} is not .jsonl, .json, .parquet or a save_to_disk directory")
+    raise BadInputError(f"dataset {spec.name!r}: {path} is not .jsonl, .json, .parquet or a save_to_disk directory")
 
 
 _MISSING = object()
@@ -355,8 +356,8 @@ def _finish(name: str, source: str, records: list[dict], skipped: list[BadRow]) 
                     shown, " ..." if len(skipped) > 5 else "")
     if not records:
         if not skipped:
-            raise ValueError(f"{source}: no rows (the source is empty or has only blank lines)")
-        raise ValueError(f"{source}: no usable rows (all {len(skipped)} skipped as bad, first: {skipped[0]})")
+            raise BadInputError(f"{source}: no rows (the source is empty or has only blank lines)")
+        raise BadInputError(f"{source}: no usable rows (all {len(skipped)} skipped as bad, first: {skipped[0]})")
     columns = {c: [r[c] for r in records] for c in COLUMNS}
     return ProblemSet(name, source, datasets.Dataset.from_dict(columns, features=_FEATURES), skipped)
 

@@ -34,6 +34,7 @@ from typing import Any
 import datasets
 
 from hicra_rl.data.datasets import ProblemSet, _finish, task_record
+from hicra_rl.errors import BadInputError
 
 __all__ = [
     "MAX_SEED",
@@ -99,7 +100,7 @@ def item_seed_slot(role: str, seed: int) -> range:
     """The reasoning-gym item seeds a ``role`` set of run ``seed`` may use (disjoint across roles)."""
     _check_role(role)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed {seed!r} is out of range for reasoning-gym data: held-out item-seed blocks "
+        raise BadInputError(f"seed {seed!r} is out of range for reasoning-gym data: held-out item-seed blocks "
                          f"allow 0 <= seed < {MAX_SEED}")
     start = ROLES.index(role) * ROLE_BLOCK + seed * SEED_SLOT
     return range(start, start + SEED_SLOT)
@@ -114,14 +115,14 @@ def heldout_task_problems(task: str, size: int, seed: int, role: str,
 
     slot = item_seed_slot(role, seed)
     if not isinstance(size, int) or not 0 < size <= MAX_SIZE:
-        raise ValueError(f"size {size!r} is out of range for held-out reasoning-gym data: 1..{MAX_SIZE}")
+        raise BadInputError(f"size {size!r} is out of range for held-out reasoning-gym data: 1..{MAX_SIZE}")
     share = _BUCKETS.count(role) / len(_BUCKETS)
     records: list[dict] = []
     used = 0
     name = task
     while len(records) < size:
         if used >= len(slot):
-            raise ValueError(f"{task}: only {len(records)} of {size} {role} problems among {len(slot)} candidates "
+            raise BadInputError(f"{task}: only {len(records)} of {size} {role} problems among {len(slot)} candidates "
                              "(the task's problem space is too small for a held-out set of this size)")
         chunk = min(len(slot) - used, max(64, math.ceil((size - len(records)) / share * 1.25)))
         for item in generate_task_items(task, chunk, slot.start + used, config):
@@ -141,10 +142,10 @@ def check_split(role: str, split: str, what: str) -> None:
     """Refuse to train (or cold-start) on a test split and to evaluate on a train split."""
     _check_role(role)
     if role == "eval" and split == "train":
-        raise ValueError(f"{what}: role 'eval' on split 'train' would evaluate on training data "
+        raise BadInputError(f"{what}: role 'eval' on split 'train' would evaluate on training data "
                          "(use a test split, e.g. split=test)")
     if role != "eval" and split == "test":
-        raise ValueError(f"{what}: role {role!r} on split 'test' would train on evaluation data "
+        raise BadInputError(f"{what}: role {role!r} on split 'test' would train on evaluation data "
                          "(use a train split)")
 
 
@@ -174,6 +175,6 @@ def drop_seen(problems: ProblemSet, reference, what: str = "") -> ProblemSet:
     log.warning("%s: removed %d of %d problems whose text appears in the training set (first: %s)",
                 what or problems.name, len(removed), len(texts), ", ".join(removed[:5]))
     if len(keep) == 0:
-        raise ValueError(f"{what or problems.name}: all {len(texts)} problems appear in the training set")
+        raise BadInputError(f"{what or problems.name}: all {len(texts)} problems appear in the training set")
     return ProblemSet(problems.name, problems.source, problems.rows.select(keep), list(problems.skipped),
                       list(problems.overlap_removed) + removed)

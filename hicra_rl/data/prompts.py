@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hicra_rl.errors import BadInputError
+
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "Prompt",
@@ -66,7 +68,7 @@ class PromptSet:
     skipped_ids: list[str] = field(default_factory=list)   # over max_prompt_tokens (with on_too_long="skip")
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(BadInputError):
     def __init__(self, ids_and_lengths: list[tuple[str, int]], limit: int):
         self.ids_and_lengths = ids_and_lengths
         shown = ", ".join(f"{i} ({n} tokens)" for i, n in ids_and_lengths[:10])
@@ -87,7 +89,7 @@ def prompt_text(tokenizer, problem: str, cfg: PromptConfig = PromptConfig()) -> 
     """The chat-templated prompt of one problem, ready for generation (assistant turn opened)."""
     template = cfg.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError(
+        raise BadInputError(
             f"tokenizer {type(tokenizer).__name__} of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat "
             "template (its tokenizer_config.json has no 'chat_template' and there is no chat_template.jinja; "
             "base models often have none): use an instruct model's tokenizer, add a template to that folder, "

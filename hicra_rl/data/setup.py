@@ -29,6 +29,7 @@ from hicra_rl.data.datasets import (
 )
 from hicra_rl.data.heldout import check_split, drop_seen, heldout_task_problems
 from hicra_rl.data.prompts import PromptConfig, PromptSet, build_prompts
+from hicra_rl.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def data_split(cfg) -> str:
         split = "test" if cfg.split == "test" else "train"
         stem = Path(cfg.path).stem if cfg.path else ""
         if stem in ("train", "test") and stem != split:
-            raise ValueError(f"data {cfg.name!r}: split {cfg.split!r} but data.path {cfg.path} is the GSM8K {stem} "
+            raise BadInputError(f"data {cfg.name!r}: split {cfg.split!r} but data.path {cfg.path} is the GSM8K {stem} "
                              "file (drop data.path to use the split's shipped file)")
         return split
     return cfg.split
@@ -73,34 +74,34 @@ def load_problem_set(cfg, seed: int, role: str | None = None, exclude=None) -> P
 def _load(cfg, seed: int, role: str) -> ProblemSet:
     if cfg.source == "reasoning_gym":
         if not cfg.task:
-            raise ValueError("data.task must name a reasoning-gym task when data.source=reasoning_gym")
+            raise BadInputError("data.task must name a reasoning-gym task when data.source=reasoning_gym")
         try:
             return heldout_task_problems(cfg.task, cfg.size, seed, role, dict(cfg.task_config))
         except (AssertionError, TypeError, KeyError) as exc:  # reasoning-gym's own checks of its config
-            raise ValueError(f"data {cfg.name!r}: reasoning-gym task {cfg.task!r} rejected data.task_config="
+            raise BadInputError(f"data {cfg.name!r}: reasoning-gym task {cfg.task!r} rejected data.task_config="
                              f"{dict(cfg.task_config)}: {type(exc).__name__}: {exc}") from exc
         except ValueError as exc:  # data.task unknown, data.size out of range: say which data group
-            raise ValueError(f"data {cfg.name!r}: {exc}") from exc
+            raise BadInputError(f"data {cfg.name!r}: {exc}") from exc
     if cfg.size is not None and cfg.size < 0:
-        raise ValueError(f"data {cfg.name!r}: data.size must be >= 0 (0: every row of the file), got {cfg.size}")
+        raise BadInputError(f"data {cfg.name!r}: data.size must be >= 0 (0: every row of the file), got {cfg.size}")
     overrides = {"on_bad_row": cfg.on_bad_row}
     if cfg.fields:
         known = [f.name for f in dataclasses.fields(FieldMap)]
         unknown = sorted(set(cfg.fields) - set(known))
         if unknown:
-            raise ValueError(f"data {cfg.name!r}: data.fields has unknown key(s) {unknown}; known: {', '.join(known)}")
+            raise BadInputError(f"data {cfg.name!r}: data.fields has unknown key(s) {unknown}; known: {', '.join(known)}")
         overrides["fields"] = FieldMap(**dict(cfg.fields))
     if cfg.source in BUILTINS:
         name = BUILTINS[cfg.source] or f"gsm8k_{data_split(cfg)}"
         spec = builtin_spec(name, path=cfg.path, **overrides)
     elif cfg.source in ("file", "jsonl", "parquet", "disk"):
         if not cfg.path:
-            raise ValueError(f"data.path is required when data.source={cfg.source}")
+            raise BadInputError(f"data.path is required when data.source={cfg.source}")
         spec = DatasetSpec(name=cfg.name, path=cfg.path, split=cfg.split, **overrides)
     elif cfg.source == "hub":
         spec = DatasetSpec(name=cfg.name, hub=cfg.path, split=cfg.split, **overrides)
     else:
-        raise ValueError(f"data {cfg.name!r}: data.source {cfg.source!r} is not one of reasoning_gym, "
+        raise BadInputError(f"data {cfg.name!r}: data.source {cfg.source!r} is not one of reasoning_gym, "
                          f"{', '.join(BUILTINS)}, file (or jsonl / parquet / disk), hub")
     problems = load_problems(spec)
     if problems.n_skipped:
@@ -114,13 +115,19 @@ def _load(cfg, seed: int, role: str) -> ProblemSet:
 def load_prompts(cfg, tokenizer, seed: int, role: str | None = None, exclude=None) -> tuple[ProblemSet, PromptSet]:
     """The problems (see :func:`load_problem_set`) and their chat prompts."""
     problems = load_problem_set(cfg, seed, role, exclude)
+    return problems, prompts_of(cfg, tokenizer, problems)
+
+
+def prompts_of(cfg, tokenizer, problems: ProblemSet) -> PromptSet:
+    """The chat prompts of ``problems`` (loaded from ``cfg``): entry points load the problems first, so that
+    a bad data file fails before the tokenizer (and transformers) loads."""
     if cfg.max_prompt_tokens <= 0:
-        raise ValueError(f"data {cfg.name!r}: data.max_prompt_tokens must be > 0, got {cfg.max_prompt_tokens}")
+        raise BadInputError(f"data {cfg.name!r}: data.max_prompt_tokens must be > 0, got {cfg.max_prompt_tokens}")
     # ``data.chat_template`` is read when the config schema has it (for a tokenizer without a template)
     pcfg = PromptConfig(system=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
                         on_too_long="skip" if cfg.on_bad_row == "skip" else "error",
                         chat_template=getattr(cfg, "chat_template", None) or None)
     prompts = build_prompts(tokenizer, problems.rows, pcfg)
     if not prompts.prompts:
-        raise ValueError(f"dataset {cfg.name!r} produced no prompts")
-    return problems, prompts
+        raise BadInputError(f"dataset {cfg.name!r} produced no prompts")
+    return prompts

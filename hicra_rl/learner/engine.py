@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hicra_rl.algo.logprobs import logprobs_and_entropy
-from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
+from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss, sequence_level_stats
 from hicra_rl.batch import response_layout_mask
 from hicra_rl.config import LearnerConfig, check_learner_config
 from hicra_rl.learner.flops import gemm_flops, matrix_weights, time_gemms, update_gemm_shapes, useful_flops
@@ -54,8 +54,8 @@ class MicroBatch:
     entropy: torch.Tensor
     mask: torch.Tensor            # 0/1 float: tokens that count in the loss
     rows: torch.Tensor            # indices of the mini-batch rows this micro-batch holds
-    token_normalizer: float       # valid tokens of the whole mini-batch, all ranks
-    seq_normalizer: float         # sequences of the whole mini-batch, all ranks
+    token_normalizer: float       # tokens of the whole mini-batch that count in the loss, all ranks (>= 1)
+    seq_normalizer: float         # sequences of the whole mini-batch with such a token, all ranks (>= 1)
     device: torch.device
 
     def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -445,10 +445,15 @@ class PolicyLearner:
             summed = {"actor/loss": float(loss.detach()), "actor/pg_loss": st["actor/pg_loss"]}
             if "actor/kl_ref" in st:
                 summed["actor/kl_ref"] = st["actor/kl_ref"]
+            # shares / means over sequences: weighted by the micro-batch's sequences over the global count,
+            # summed (over micro-batches and ranks) they are the whole batch's
+            per_seq = sequence_level_stats(self.loss_cfg.rollout_correction)
+            mb_seqs = float((mb.mask.sum(-1) > 0).sum())
+            summed.update({k: st[k] * mb_seqs / mb.seq_normalizer for k in per_seq if k in st})
             # token means of the micro-batch, re-weighted by its token count (rollout_corr/ratio_max is then
             # replaced by the largest over micro-batches and ranks, in update)
             means = {k: st[k] for k in _TOKEN_WEIGHTED if k in st}
-            means.update({k: v for k, v in st.items() if k.startswith("rollout_corr/")})
+            means.update({k: v for k, v in st.items() if k.startswith("rollout_corr/") and k not in per_seq})
             if "rollout_corr/ratio_max" in st:
                 self._ratio_max = max(self._ratio_max, st["rollout_corr/ratio_max"])
             return loss, summed, means
@@ -475,7 +480,9 @@ class PolicyLearner:
         mask = response_layout_mask(lengths, width)
         if loss_mask is not None:
             mask = mask * loss_mask.float()
-        n_tok, n_seq = self._all_reduce_sum([float(mask.sum()), float(mask.shape[0])])
+        # tokens and sequences that count in the loss: a row the loss mask removes entirely (a fill-up group
+        # of dynamic sampling) is in neither; at least 1 each, so an all-masked batch is a loss of 0, not 0 / 0
+        n_tok, n_seq = self._all_reduce_sum([float(mask.sum()), float((mask.sum(-1) > 0).sum())])
         summed: dict[str, float] = {}
         weighted: dict[str, float] = {}
         plan = self._plan_micro_batches(input_ids, starts, lengths)
@@ -494,7 +501,7 @@ class PolicyLearner:
                 positions = packed.padded_tokens
             self.last_gemm_work.append((positions, int(lengths[rows].sum())))
             mb_mask = mask[rows].to(self.device)
-            mb = MicroBatch(logp, ent, mb_mask, rows, n_tok, n_seq, self.device)
+            mb = MicroBatch(logp, ent, mb_mask, rows, max(n_tok, 1.0), max(n_seq, 1.0), self.device)
             loss, mb_summed, mb_means = loss_fn(mb)
             engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
             # DeepSpeed averages over ranks; the normalisers are global, so undo the average.

@@ -19,7 +19,8 @@ def shannon_entropy(counts: Iterable[float]) -> float:
     total = sum(values)
     if total <= 0:
         return 0.0
-    return -sum((c / total) * math.log(c / total) for c in values)
+    # + 0.0: a one-outcome distribution has entropy 0.0, not -0.0 (which prints as "-0.000")
+    return -sum((c / total) * math.log(c / total) for c in values) + 0.0
 
 
 def semantic_entropy(sg_occurrences: Iterable[Iterable[Hashable]], unique_per_response: bool = False) -> float:
@@ -44,7 +45,7 @@ def conditional_entropy(pairs: Iterable[tuple[Hashable, Hashable]]) -> float:
     marginal: Counter = Counter()
     for (s, _), c in joint.items():
         marginal[s] += c
-    return -sum((c / total) * math.log(c / marginal[s]) for (s, _), c in joint.items())
+    return -sum((c / total) * math.log(c / marginal[s]) for (s, _), c in joint.items()) + 0.0  # never -0.0
 
 
 def split_token_means(

@@ -3,6 +3,9 @@
 hicra-sg mine --corpus ../shared/data/gsm8k/train.jsonl --out lexicon.json [--add-paper-sgs] [--max-doc-frac 0.9]
 hicra-sg show lexicon.json
 hicra-sg find --lexicon lexicon.json "Let's try a different approach: first find the total."
+
+A bad corpus, lexicon, path or option prints ``hicra-sg: error: <what, naming the file, line or field>`` and
+exits 2; ``hicra-sg --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from collections import defaultdict
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from hicra_rl.strategic.lexicon import LexiconError, default_lexicon_path, load_lexicon
+from hicra_rl.errors import UserInputError, print_user_error
+from hicra_rl.strategic.lexicon import default_lexicon_path, load_lexicon
 from hicra_rl.strategic.mine import (
     PAPER_EXAMPLE_SGS,
-    CorpusError,
     MiningConfig,
     add_curated_ngrams,
+    check_model_path,
     load_corpus,
     mine_strategic_grams,
 )
@@ -48,6 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hicra-sg", description="Strategic-Gram (SG) lexicon tools (HICRA)."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a bad-input error (default: one line naming the file, row or field)")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = MiningConfig()
 
@@ -146,6 +152,7 @@ def _mine(args: argparse.Namespace, argv: list[str]) -> int:
         show_progress=not args.no_progress,
     )
     started = time.perf_counter()
+    check_model_path(args.model)  # before the corpus is mined: a bad path fails at once
     solutions = load_corpus(args.corpus, args.text_field, args.format)
     corpus_meta = {
         "path": str(args.corpus),
@@ -215,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args)
         return _find(args)
-    except (CorpusError, LexiconError, ValueError, FileNotFoundError) as err:
-        print(f"hicra-sg: error: {err}", file=sys.stderr)
-        return 2
+    except UserInputError as err:  # a bad corpus, lexicon, path or option: one line (a bug keeps its traceback)
+        if args.debug:
+            raise
+        return print_user_error("hicra-sg: error", err)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hicra_rl.errors import BadInputError
 from hicra_rl.iofiles import write_text_atomic
 from hicra_rl.strategic.text import normalise_ngram
 
 LEXICON_FORMAT = "hicra-sg-lexicon/1"
 
 
-class LexiconError(ValueError):
+class LexiconError(BadInputError):
     """A lexicon file or object is malformed; the message names the file, entry and field."""
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hicra_rl.errors import BadInputError, InputNotFoundError
 from hicra_rl.strategic.lexicon import Lexicon, LexiconEntry
 from hicra_rl.strategic.text import iter_ngrams, normalise_ngram
 
@@ -54,7 +55,7 @@ _GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")
 _GSM8K_ANSWER_LINE = re.compile(r"^\s*####.*$", re.MULTILINE)
 
 
-class CorpusError(ValueError):
+class CorpusError(BadInputError):
     """The corpus file is malformed; the message names the file, line and field."""
 
 
@@ -78,17 +79,17 @@ class MiningConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_min <= self.n_max <= 8:
-            raise ValueError(f"need 1 <= n_min <= n_max <= 8, got n_min={self.n_min}, n_max={self.n_max}")
+            raise BadInputError(f"need 1 <= n_min <= n_max <= 8, got n_min={self.n_min}, n_max={self.n_max}")
         if self.min_df < 1:
-            raise ValueError(f"min_df must be >= 1, got {self.min_df}")
+            raise BadInputError(f"min_df must be >= 1, got {self.min_df}")
         if self.max_candidates is not None and self.max_candidates < 1:
-            raise ValueError(f"max_candidates must be >= 1 or None, got {self.max_candidates}")
+            raise BadInputError(f"max_candidates must be >= 1 or None, got {self.max_candidates}")
         if self.max_doc_frac is not None and not 0 < self.max_doc_frac <= 1:
-            raise ValueError(f"max_doc_frac must be in (0, 1] or None, got {self.max_doc_frac}")
+            raise BadInputError(f"max_doc_frac must be in (0, 1] or None, got {self.max_doc_frac}")
         if not 0 < self.top_frac <= 1:
-            raise ValueError(f"top_frac must be in (0, 1], got {self.top_frac}")
+            raise BadInputError(f"top_frac must be in (0, 1], got {self.top_frac}")
         if not 0 < self.distance_threshold < 2:
-            raise ValueError(f"distance_threshold (cosine) must be in (0, 2), got {self.distance_threshold}")
+            raise BadInputError(f"distance_threshold (cosine) must be in (0, 2), got {self.distance_threshold}")
 
 
 def default_model_path() -> Path:
@@ -150,9 +151,17 @@ def cluster_document_frequency(postings: Sequence[Iterable[int]], labels: Sequen
     return {label: len(ids) for label, ids in docs.items()}
 
 
+def check_model_path(model: str | None) -> None:
+    """A ``model`` that looks like a local path (``/``, ``.``, ``~``) must be an existing directory (anything
+    else is a hub name, or None: the packaged model)."""
+    if model and str(model).startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(str(model))):
+        raise InputNotFoundError(f"sentence-transformer model path {str(model)!r} is not an existing directory")
+
+
 @functools.lru_cache(maxsize=2)
 def load_sentence_transformer(model: str | None = None):
     """A CPU sentence-transformer (cached per process); ``None`` = the packaged all-MiniLM-L6-v2."""
+    check_model_path(model)
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(model or default_model_path()), device="cpu")
@@ -190,7 +199,7 @@ def mine_strategic_grams(
 ) -> Lexicon:
     """Mine a Strategic-Gram lexicon from successful solutions (see the module docstring)."""
     if not solutions:
-        raise ValueError("mine_strategic_grams: no solutions given")
+        raise BadInputError("mine_strategic_grams: no solutions given")
     np.random.seed(config.seed)
     per_doc = [
         solution_ngrams(text, config)
@@ -201,7 +210,7 @@ def mine_strategic_grams(
     candidates = select_candidates(doc_freq, config.min_df, config.max_candidates, max_df)
     if not candidates:
         limit = "" if max_df is None else f" and <= {max_df:g}"
-        raise ValueError(
+        raise BadInputError(
             f"no n-gram occurs in >= {config.min_df}{limit} solutions (of {len(solutions)}); "
             "lower min_df or raise max_doc_frac"
         )
@@ -298,13 +307,15 @@ def load_corpus(path: str | os.PathLike, text_field: str = "answer", fmt: str = 
     if fmt == "auto":
         fmt = "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "text"
     if fmt not in ("jsonl", "text"):
-        raise ValueError(f"unknown corpus format {fmt!r}; use 'auto', 'jsonl' or 'text'")
+        raise BadInputError(f"unknown corpus format {fmt!r}; use 'auto', 'jsonl' or 'text'")
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CorpusError(f"{path}: corpus file not found") from None
     except UnicodeDecodeError as err:
         raise CorpusError(f"{path}: not UTF-8 text ({err})") from None
+    except OSError as err:  # a directory, no permission
+        raise CorpusError(f"{path}: cannot read the corpus file ({err.strerror or err})") from None
     if fmt == "text":
         solutions = [block.strip() for block in re.split(r"\n\s*\n", raw) if block.strip()]
     else:
