@@ -208,10 +208,27 @@ def _train(group: str, seed: int, role: str):
     return load_problem_set(_cfg(CONF / "data" / f"{group}.yaml"), seed, role=role)
 
 
+def _eval_data_cfg(group: str, data_group: str | None = None):
+    """``eval_data=<group>``; a preset that follows the training data (``same_task``: ``${data.…}``) is
+    resolved against ``data=<data_group>``, as in a composed hicra-train config."""
+    if data_group is None:
+        return _cfg(CONF / "eval_data" / f"{group}.yaml", EvalDataConfig)
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF / "data" / f"{data_group}.yaml"))
+    root = OmegaConf.create({"data": OmegaConf.to_container(data),
+                             "eval_data": OmegaConf.load(CONF / "eval_data" / f"{group}.yaml")})
+    resolved = OmegaConf.to_container(root, resolve=True)["eval_data"]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalDataConfig), resolved))
+
+
+def _follows_data(group: str) -> bool:
+    return "${data." in (CONF / "eval_data" / f"{group}.yaml").read_text()
+
+
 @cache
-def _eval(kind: str, group: str, seed: int):
-    """hicra-train eval_data=<group>, or hicra-eval data=<group> (conf/eval.yaml: split test, size 64)."""
-    cfg = _cfg(CONF / "eval_data" / f"{group}.yaml", EvalDataConfig) if kind == "eval_data" else _eval_yaml_data(group)
+def _eval(kind: str, group: str, seed: int, data_group: str | None = None):
+    """hicra-train eval_data=<group> [with data=<data_group>], or hicra-eval data=<group> (conf/eval.yaml:
+    split test, size 64)."""
+    cfg = _eval_data_cfg(group, data_group) if kind == "eval_data" else _eval_yaml_data(group)
     return load_problem_set(cfg, seed, role="eval")
 
 
@@ -230,7 +247,11 @@ def _training_sets():
 
 
 def _eval_sets():
-    sets = {("eval_data", g, s): _eval("eval_data", g, s) for g in EVAL_GROUPS for s in SEEDS}
+    sets = {("eval_data", g, s): _eval("eval_data", g, s) for g in EVAL_GROUPS if not _follows_data(g) for s in SEEDS}
+    for g in filter(_follows_data, EVAL_GROUPS):  # same_task: the eval set of every procedural data group
+        for d in DATA_GROUPS:
+            if _cfg(CONF / "data" / f"{d}.yaml").source == "reasoning_gym":
+                sets.update({("eval_data", f"{g}[{d}]", s): _eval("eval_data", g, s, d) for s in SEEDS})
     for group in DATA_GROUPS:
         cfg = _eval_yaml_data(group)
         if cfg.source in ("dapo_math_17k", "deepscaler"):
@@ -257,8 +278,8 @@ def test_no_evaluation_problem_is_a_training_or_cold_start_problem():
         for ek in eval_sets:
             assert not texts[tk] & texts[ek], (tk, ek, sorted(texts[tk] & texts[ek])[:3])
     for ek, ps in eval_sets.items():
-        assert len(ps) == (64 if ek[0] == "hicra-eval" else _cfg(CONF / "eval_data" / f"{ek[1]}.yaml",
-                                                                     EvalDataConfig).size), ek
+        expected = 64 if ek[0] == "hicra-eval" else _eval_data_cfg(*ek[1].rstrip("]").split("[")).size
+        assert len(ps) == expected, ek
 
 
 def test_cold_start_and_rl_training_share_no_procedural_problem():
