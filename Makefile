@@ -49,7 +49,7 @@ clean-shm:
 STRAT_COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-strat-v1
 strategy-testbed: install
 	test -f $(STRAT_COLD_START)/config.json || $(BIN)/hicra-sft data=strat_mix 'strategies=[left_to_right,direct]' \
-		max_steps=60 max_minutes=60 out_dir=$(STRAT_COLD_START)
+		max_steps=150 max_minutes=90 out_dir=$(STRAT_COLD_START)
 	$(BIN)/python benchmarks/strategy_testbed.py --model $(STRAT_COLD_START) strat_easy strat_hard
 
 # HICRA's dose-response grid on it (alpha 0 / 0.2 / 1.0 x easy / hard x seeds), resumable: re-run to go on

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--problems", type=int, default=128)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (training runs use 1.0)")
     p.add_argument("--out", default="benchmarks/results/strategy_choice/cold_start")
     args = p.parse_args(argv)
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from hicra_rl.fleet import FleetSession
     from hicra_rl.metrics.strategies import strategy_table
 
-    common = [f"model.path={args.model}", f"data.size={args.problems}", f"k={args.k}",
+    common = [f"model.path={args.model}", f"data.size={args.problems}", f"k={args.k}", f"temperature={args.temperature}",
               f"rollout.max_new_tokens={args.max_new_tokens}"]
     cfgs = {d: compose(difficulty_overrides(d) + common) for d in args.difficulties}
     first = next(iter(cfgs.values()))
