@@ -64,7 +64,7 @@ def write_tables(results: dict, args, t0: float, first) -> str:
 
     lines = [f"# Strategy-choice testbed: the cold start on held-out problems ({args.model})", "",
              f"k = {first.k} samples at T = {first.temperature} to each of N eval-role problems "
-             f"(`python benchmarks/strategy_testbed.py {' '.join(args.difficulties)}`, "
+             f"(`python benchmarks/strategy_testbed.py {' '.join(args.argv)}`, "
              f"{(time.perf_counter() - t0) / 60:.1f} min).", "",
              "| difficulty | N | Pass@1 | left_to_right share | direct share | none | left_to_right acc | direct acc | "
              "gap (points) | choice entropy (nats) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (training runs use 1.0)")
     p.add_argument("--out", default="benchmarks/results/strategy_choice/cold_start")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
 
     from transformers import AutoTokenizer
 
