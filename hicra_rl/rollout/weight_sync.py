@@ -129,8 +129,34 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, f.get_tensor(name)
 
 
+# vLLM's layer-wise reload warns "RotaryEmbedding: Failed to load weights" on every reload of a RoPE model: the
+# rotary layer holds a cos/sin cache that vLLM counts as loadable, but no checkpoint carries it (HF state dicts
+# have no rotary tensors, and vLLM's own loaders skip ``rotary_emb.inv_freq``), so vLLM puts the layer's
+# existing cache back (``finalize_layerwise_processing``: "place kernel tensors back as a fallback"). The
+# cache is a function of the model config alone, which a weight sync never changes: the message is harmless.
+# Only that message is dropped; the same warning for any other layer still shows (a real missing weight).
+VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class HarmlessRotaryReloadWarning:
+    """Logging filter: drops vLLM's "RotaryEmbedding: Failed to load weights" record, passes every other."""
+
+    def filter(self, record) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+def quiet_rotary_reload_warning() -> None:
+    """Install :class:`HarmlessRotaryReloadWarning` on vLLM's reload logger (once per process)."""
+    import logging
+
+    logger = logging.getLogger(VLLM_RELOAD_LOGGER)
+    if not any(isinstance(f, HarmlessRotaryReloadWarning) for f in logger.filters):
+        logger.addFilter(HarmlessRotaryReloadWarning())
+
+
 def _reload_worker_from_file(worker, path: str) -> int:
     """Runs inside each vLLM worker (pickled by collective_rpc): in-place reload from the file."""
+    quiet_rotary_reload_warning()
     worker.reload_weights(weights_iterator=iter_safetensors(path), is_checkpoint_format=True)
     return os.getpid()
 
@@ -217,6 +243,7 @@ def _reload_worker_from_broadcast(worker, manifest) -> int:
         for name, dtype, shape in manifest:
             yield name, receive(dtype, shape)
 
+    quiet_rotary_reload_warning()
     worker.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
     leftover = manifest[received:]
     for _, dtype, shape in leftover:  # keep the collective in step with the sender before failing
