@@ -555,7 +555,7 @@ class Trainer:
         for step in range(self.start_step, cfg.trainer.total_steps):
             metrics = self.train_step(step)
             done = step + 1
-            if cfg.trainer.save_every and (done % cfg.trainer.save_every == 0 or done == cfg.trainer.total_steps):
+            if checkpoint_due(done, cfg.trainer.total_steps, cfg.trainer.save_every):
                 t0 = time.perf_counter()
                 path = self.save(done)
                 metrics["timing/checkpoint_s"] = time.perf_counter() - t0
@@ -574,6 +574,12 @@ class Trainer:
             self.session.close(timeout_s)
             self.session = None
             leftovers.forget(self.run_dir)
+
+
+def checkpoint_due(done: int, total_steps: int, save_every: int) -> bool:
+    """A checkpoint after step ``done``: every ``save_every`` steps and always after the last step
+    (``save_every`` 0: only after the last one, so a finished run is never lost)."""
+    return done == total_steps or (save_every > 0 and done % save_every == 0)
 
 
 def console_line(step: int, m: dict[str, float]) -> str:

@@ -199,3 +199,12 @@ def test_data_setup_errors_name_the_key(tmp_path):
     assert len(ok) == 1 and ok.n_skipped == 1
     gsm = load_problem_set(DataConfig(name="gsm8k", source="gsm8k", split="test", size=5), 0)
     assert len(gsm) == 5 and gsm[0]["answer"] == "18"  # Janet's ducks
+
+
+def test_checkpoint_due_every_save_every_and_always_at_the_end():
+    from hicra_rl.driver import checkpoint_due
+
+    assert [d for d in range(1, 11) if checkpoint_due(d, 10, 4)] == [4, 8, 10]
+    assert [d for d in range(1, 11) if checkpoint_due(d, 10, 5)] == [5, 10]
+    # save_every 0 ("only at the end", docs/operations.md): the finished run still gets its checkpoint
+    assert [d for d in range(1, 11) if checkpoint_due(d, 10, 0)] == [10]

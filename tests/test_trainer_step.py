@@ -151,6 +151,15 @@ def test_run_checkpoints_and_refuses_a_finished_run(tmp_path):
     assert Trainer(trainer.cfg).resume_checkpoint() == done
 
 
+def test_save_every_zero_still_checkpoints_the_finished_run(tmp_path):
+    """docs/operations.md: ``trainer.save_every=0`` means "only at the end", not "never"."""
+    trainer, metrics = make_trainer(tmp_path)
+    trainer.cfg.trainer.save_every = 0
+    trainer.run()
+    metrics.close()
+    assert [s for s, _ in trainer.learners.saves] == [2]
+
+
 def test_old_log_probs_are_recomputed_when_not_on_policy(tmp_path):
     trainer, metrics = make_trainer(tmp_path)
     trainer.cfg.learner.old_log_prob_forward = "always"
