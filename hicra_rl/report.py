@@ -70,6 +70,7 @@ class Run:
     data: str | None = None  # data.name
     arm: str = ""  # algorithm, with " α=<alpha>" when the algorithm's runs have several α (set by label_runs)
     group: str = ""  # the report's group: arm, prefixed "<data.name>: " when the runs have several data.name
+    responses_per_step: int | None = None  # N of each step's shares (binomial log-odds slope)
 
     def __post_init__(self) -> None:
         self.arm = self.arm or self.algorithm
@@ -158,6 +159,7 @@ class RunConfig:
     seed: int | None = None
     alpha: float | None = None
     data: str | None = None
+    responses_per_step: int | None = None  # rollout.prompts_per_step x rollout.group_size
 
 
 def read_config(run_dir: Path) -> RunConfig:
@@ -173,8 +175,11 @@ def read_config(run_dir: Path) -> RunConfig:
     seed = (cfg.get("trainer") or {}).get("seed")
     alpha = cfg["algorithm"].get("hicra_alpha")
     data = cfg["data"].get("name") if isinstance(cfg.get("data"), dict) else None
+    rollout = cfg.get("rollout") if isinstance(cfg.get("rollout"), dict) else {}
+    prompts, group = rollout.get("prompts_per_step"), rollout.get("group_size")
+    n = int(prompts) * int(group) if _finite_number(prompts) and _finite_number(group) else None
     return RunConfig(str(name), int(seed) if _finite_number(seed) else None,
-                     float(alpha) if _finite_number(alpha) else None, None if data is None else str(data))
+                     float(alpha) if _finite_number(alpha) else None, None if data is None else str(data), n)
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -185,7 +190,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise InputNotFoundError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
     cfg = read_config(run_dir)
     metrics = read_metrics(metrics_path)
-    return Run(run_dir, cfg.algorithm, cfg.seed, metrics, read_evals(run_dir, metrics), cfg.alpha, cfg.data)
+    return Run(run_dir, cfg.algorithm, cfg.seed, metrics, read_evals(run_dir, metrics), cfg.alpha, cfg.data,
+               responses_per_step=cfg.responses_per_step)
 
 
 def find_run_dirs(args: list[str]) -> list[Path]:
@@ -788,10 +794,42 @@ def ls_slope(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(dx @ (y - y.mean()) / (dx @ dx))
 
 
+def logistic_slope(steps, shares, n: int, max_iter: int = 100) -> float | None:
+    """Maximum-likelihood slope b of logit P(strategy) = a + b·step, from each step's share of ``n``
+    responses (binomial counts round(share·n)): a logistic regression by Newton's method. Unlike a
+    least-squares fit of clipped log-odds, steps where the share is 0 or 1 (a saturated choice) count with
+    their binomial weight instead of a clip constant. None when the fit has no finite maximum (every step at
+    0, or at n, or the steps separated into all-0 then all-n) or fewer than two distinct steps."""
+    x = np.asarray(steps, dtype=float)
+    k = np.rint(np.asarray(shares, dtype=float) * n)
+    if x.size < 2 or np.ptp(x) == 0 or k.sum() in (0, n * x.size):
+        return None
+    xc = x - x.mean()
+    design = np.stack([np.ones_like(xc), xc], axis=1)
+    beta = np.zeros(2)
+    for _ in range(max_iter):
+        p = 1 / (1 + np.exp(-(design @ beta)))
+        grad = design.T @ (k - n * p)
+        hess = (design * (n * p * (1 - p))[:, None]).T @ design
+        if np.linalg.cond(hess) > 1e12:
+            return None
+        step = np.linalg.solve(hess, grad)
+        beta = beta + step
+        if np.max(np.abs(step)) < 1e-10:
+            return float(beta[1]) if abs(beta[1]) < 50 else None
+    return None
+
+
 def share_slope(run: Run, strategy: str) -> float | None:
-    """Slope over steps of logit(share of ``strategy``) for one run."""
+    """Slope over steps of the log-odds of choosing ``strategy`` in one run: the binomial maximum-likelihood
+    slope when the run's responses per step are known (config.json), else least squares on clipped logits."""
     series = run.series(SHARE_PREFIX + strategy)
-    return ls_slope(np.array(list(series)), logit(np.array(list(series.values())))) if series else None
+    if not series:
+        return None
+    steps, shares = np.array(list(series)), np.array(list(series.values()))
+    if run.responses_per_step:
+        return logistic_slope(steps, shares, run.responses_per_step)
+    return ls_slope(steps, logit(shares))
 
 
 def series_mean(series: dict[int, float]) -> float | None:
@@ -950,8 +988,10 @@ def render_strategy_table(strategy: dict[str, Any]) -> str:
     """``strategy_slopes.md``: per-arm slopes and the HICRA / GRPO slope ratio against the law's prediction."""
     lo, hi = strategy["clip"]
     lines = ["# Strategy dose-response", "",
-             f"slope = least-squares slope over training steps of logit(share of the better strategy), the share "
-             f"(`{SHARE_PREFIX}<name>`) clipped to [{lo:g}, {hi:g}] first. p̄ = `{MIXED_ACC_KEY}` averaged over "
+             f"slope = maximum-likelihood slope b of logit P(better strategy) = a + b·step, a binomial logistic "
+             f"regression on each step's share (`{SHARE_PREFIX}<name>`) of the run's responses per step "
+             f"(prompts_per_step × group_size in config.json); runs without those counts: least squares on the "
+             f"share's logit clipped to [{lo:g}, {hi:g}]. p̄ = `{MIXED_ACC_KEY}` averaged over "
              f"steps (`{ACCURACY_KEY}` where a run logged none). Semantic entropy = `{SEMANTIC_ENTROPY_KEY}` "
              "averaged over steps. Final Pass@1 = held-out Pass@1 at the arm's last common eval step.", ""]
     for d in strategy["data"]:

@@ -380,6 +380,41 @@ def test_logit_clip_and_least_squares_slope():
     assert report.better_strategy({"b": 0.5, "a": 0.5}) == "a" and report.better_strategy({}) is None
 
 
+def test_binomial_logistic_slope_by_hand():
+    # two steps: the MLE of a two-parameter model fits both proportions exactly, b = logit(3/4) - logit(1/4)
+    assert report.logistic_slope([0, 1], [0.25, 0.75], 4) == pytest.approx(2 * math.log(3))
+    # exact logistic shares with a huge N: the slope is recovered
+    steps = np.arange(1, 17)
+    shares = 1 / (1 + np.exp(-0.3 * (steps - 5)))
+    assert report.logistic_slope(steps, shares, 10**7) == pytest.approx(0.3, abs=1e-4)
+    # saturated steps (share 1.0) still count: finite and positive while some step is mixed below them
+    assert 0 < report.logistic_slope([0, 1, 2, 3], [0.25, 0.5, 1.0, 1.0], 4) < 50
+    # no finite maximum: every step at 1, or separated (all 0 then all N), or one step
+    assert report.logistic_slope([0, 1, 2], [1.0, 1.0, 1.0], 4) is None
+    assert report.logistic_slope([0, 1, 2], [0.0, 1.0, 1.0], 4) is None
+    assert report.logistic_slope([3], [0.5], 4) is None
+
+
+def test_share_slope_uses_the_binomial_fit_when_the_run_knows_its_counts(tmp_path):
+    shares = {1: 0.0, 2: 0.5, 3: 0.75}
+    run = report.Run(tmp_path, "grpo", 0, {t: {"strategy/share=s": v} for t, v in shares.items()})
+    # without counts: least squares on clipped logits (-4.595, 0, 1.0986): slope (4.595 + 1.0986) / 2
+    assert report.share_slope(run, "s") == pytest.approx((math.log(99) + math.log(3)) / 2)
+    run.responses_per_step = 4
+    b = report.share_slope(run, "s")
+    # the binomial MLE solves the score equations sum(k - n p) = 0 and sum(x (k - n p)) = 0
+    x, k = np.array([1.0, 2.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    a = math.log(k.sum() / (4 * np.exp(b * x)).sum() * 1.0)  # first guess, then solve sum(k - n p) = 0 for a
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(a + b * x)))
+        a += (k - 4 * p).sum() / (4 * p * (1 - p)).sum()
+    p = 1 / (1 + np.exp(-(a + b * x)))
+    assert abs((x * (k - 4 * p)).sum()) < 1e-8 and b != pytest.approx((math.log(99) + math.log(3)) / 2, rel=0.05)
+    (tmp_path / "config.json").write_text(json.dumps({"algorithm": {"name": "grpo"}, "data": {"name": "d"},
+                                                      "rollout": {"prompts_per_step": 16, "group_size": 4}}))
+    assert report.read_config(tmp_path).responses_per_step == 64
+
+
 def test_slopes_ratio_and_law_prediction(strategy_built):
     root, summary = strategy_built
     hard = by_data(summary, "strat_hard")
