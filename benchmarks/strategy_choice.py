@@ -4,7 +4,7 @@
 
 Runs ``hicra-train +experiment=strategy_choice`` for alpha in {0 (grpo), 0.2, 1.0} x {strat_hard, strat_easy}
 x seeds, in an order where every prefix of the grid is a balanced comparison: seed by seed, the alpha = 0 and
-alpha = 1.0 arms of both difficulties first (the law's largest predicted effect: 1 +- 0.6 at p̄ 0.2 / 0.8),
+alpha = 1.0 arms of hard, then of easy (the law's largest predicted effect: 1 +- 0.6 at p̄ 0.2 / 0.8),
 then alpha = 0.2, then ``--extra-seeds`` more seeds of alpha 0 and 1.0 on hard.  A run whose final
 evaluation exists is skipped; an interrupted one resumes from its checkpoint (trainer.resume=auto).  Each
 finished run's config.json, metrics.jsonl and eval-step*.json are copied to
@@ -36,7 +36,7 @@ def arm(alpha: float) -> tuple[str, list[str]]:
 
 def grid(seeds: int, extra_seeds: int) -> list[tuple[str, float, int]]:
     """(data, alpha, seed) in priority order (every prefix balanced)."""
-    out = [(d, a, s) for s in range(seeds) for a in (0.0, 1.0) for d in DIFFICULTIES]
+    out = [(d, a, s) for s in range(seeds) for d in DIFFICULTIES for a in (0.0, 1.0)]
     out += [(d, 0.2, s) for s in range(seeds) for d in DIFFICULTIES]
     out += [("strat_hard", a, s) for s in range(seeds, seeds + extra_seeds) for a in (0.0, 1.0)]
     return out

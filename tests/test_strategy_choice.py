@@ -43,9 +43,11 @@ def test_experiment_composes_with_eval_on_the_same_task(data, arm):
 def test_grid_order_keeps_every_prefix_balanced():
     grid = _grid_module().grid(seeds=3, extra_seeds=2)
     assert len(grid) == 3 * 2 * 2 + 3 * 2 + 2 * 2 == len(set(grid))
-    # seed 0 of the alpha 0 / 1.0 arms on both difficulties first, then seed 1 ...
-    assert grid[:4] == [("strat_hard", 0.0, 0), ("strat_easy", 0.0, 0), ("strat_hard", 1.0, 0),
+    # seed 0 of the alpha 0 / 1.0 arms of hard, then of easy, then seed 1 ...
+    assert grid[:4] == [("strat_hard", 0.0, 0), ("strat_hard", 1.0, 0), ("strat_easy", 0.0, 0),
                         ("strat_easy", 1.0, 0)]
+    for n in (2, 6, 10):  # every prefix ending on a difficulty's pair compares alpha 0 and 1.0 on the same seeds
+        assert [a for _, a, _ in grid[n - 2:n]] == [0.0, 1.0] and grid[n - 2][::2] == grid[n - 1][::2]
     for n in (4, 8, 12):  # after each seed block, every (difficulty, alpha in {0, 1}) cell has n/4 seeds
         cells = [(d, a) for d, a, _ in grid[:n]]
         assert all(cells.count((d, a)) == n // 4 for d in ("strat_hard", "strat_easy") for a in (0.0, 1.0))
@@ -87,5 +89,5 @@ def test_unfinished_run_is_started_with_the_arms_overrides(tmp_path, monkeypatch
     assert mod.main(["--seeds", "1", "--extra-seeds", "0", "--dry-run", "--", "trainer.total_steps=16"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "hicra-train" in ln]
     assert len(lines) == 6
-    assert lines[2].endswith("+experiment=strategy_choice data=strat_hard algorithm=hicra algorithm.hicra_alpha=1.0 "
+    assert lines[1].endswith("+experiment=strategy_choice data=strat_hard algorithm=hicra algorithm.hicra_alpha=1.0 "
                              "trainer.seed=0 trainer.total_steps=16")
