@@ -359,6 +359,14 @@ def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
     return typed_config(TrainConfig, cfg, validate)
 
 
+def store_entry_schema(config_name: str, schema: type) -> None:
+    """Put ``schema`` in Hydra's ConfigStore under the name ``conf/<config_name>.yaml`` lists first in its
+    defaults (``hicra_schema``, ``sft_schema``, ``eval_schema``): what the entry point and the compose API
+    (tests/test_docs_commands.py) merge the YAML onto."""
+    ConfigStore.instance().store(name=f"{config_name}_schema" if config_name != "config" else "hicra_schema",
+                                 node=schema)
+
+
 def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) -> None:
     """Run ``run_fn(typed_cfg)`` as a Hydra app on ``conf/<config_name>.yaml``.  A user-input error (a config
     value, a data file or row, a model directory, a lexicon: ``hicra_rl.errors.UserInputError``) prints one
@@ -369,8 +377,7 @@ def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) 
 
     from hicra_rl.errors import hydra_full_error, user_errors_in_one_line
 
-    ConfigStore.instance().store(name=f"{config_name}_schema" if config_name != "config" else "hicra_schema",
-                                 node=schema)
+    store_entry_schema(config_name, schema)
 
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name=config_name)
     def _main(dcfg: DictConfig) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from hicra_rl.config import ClusterConfig, EvalDataConfig, ModelConfig, RewardConfig, RolloutConfig, _check
+from hicra_rl.config import (
+    MODEL_DTYPES,
+    ClusterConfig,
+    EvalDataConfig,
+    ModelConfig,
+    RewardConfig,
+    RolloutConfig,
+    _check,
+)
 from hicra_rl.fmt import fmt_float
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 from hicra_rl.metrics.passk import mean_pass_at_k
@@ -99,6 +107,14 @@ def validate_eval(cfg: EvalConfig) -> None:
     _check(cfg.k >= 1, "k", f"must be >= 1, got {cfg.k}")
     _check(cfg.temperature >= 0, "temperature", "must be >= 0")
     _check(cfg.rollout.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+    _check(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(cfg.model.dtype in MODEL_DTYPES, "model.dtype", f"{cfg.model.dtype!r} is not one of {MODEL_DTYPES}")
+    # as hicra-train: vLLM would refuse (or cut) the prompts and responses that do not fit; a model=... preset
+    # sets max_model_len and dtype (e.g. model=qwen3_4b_base for a Qwen3-4B checkpoint)
+    _check(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens <= cfg.model.max_model_len, "model.max_model_len",
+           f"{cfg.model.max_model_len} (model {cfg.model.name!r}) is shorter than data.max_prompt_tokens "
+           f"({cfg.data.max_prompt_tokens}) + rollout.max_new_tokens ({cfg.rollout.max_new_tokens}); choose the "
+           "checkpoint's model preset (model=...) or set model.max_model_len")
 
 
 def markdown_table(metrics: dict[str, float], model: str, data: str, k: int, temperature: float) -> str:

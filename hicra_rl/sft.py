@@ -140,6 +140,10 @@ class SFTConfig:
 
 def validate_sft(cfg: SFTConfig) -> None:
     _check(cfg.solutions in ("arithmetic", "gsm8k") or bool(cfg.solutions), "solutions", "must be set")
+    # GSM8K's human solutions exist for GSM8K's own problems only: say so before any data or model loads
+    _check(cfg.solutions != "gsm8k" or cfg.data.source == "gsm8k", "solutions",
+           f"solutions=gsm8k writes GSM8K's human solutions and needs GSM8K's train data (add data=gsm8k), got "
+           f"data {cfg.data.name!r} (source {cfg.data.source!r})")
     _check(cfg.batch_size >= 1 and cfg.batch_size % cfg.micro_batch_size == 0, "micro_batch_size",
            f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size}")
     _check(cfg.max_steps >= 1, "max_steps", "must be >= 1")
