@@ -117,8 +117,10 @@ def test_a_dead_engine_under_a_live_actor_is_found_by_the_health_check(tmp_path)
     t0 = time.monotonic()
     batch = fleet.generate(PROMPTS, 1, 1.0, 8, seed=7)
     took = time.monotonic() - t0
-    # detected by the health check (every 1 s here; 10 s by default), not by the 60 s call deadline
-    assert took < 20, took
+    # detected by the health check (every 1 s here; 10 s by default), not by the 60 s call deadline; the restart
+    # itself (a new Ray actor) took 10-21 s on the 2-core VM with other work running, so the bound is half the
+    # deadline rather than a tight figure
+    assert took < 30, took
     assert len(restarts) >= 1 and fleet.faults["faults/rollout_restarts"] == len(restarts)
     assert batch.response_ids == [[7, 11, 0], [7, 12, 0], [8, 13, 0]]
 
