@@ -18,6 +18,9 @@ def test_off_policy_rollout_with_is_correction_dynamic_sampling_and_adaptive_alp
     cfg.algorithm.rollout_correction = "token_tis"
     cfg.rollout.staleness = 1
     cfg.rollout.filter_groups = True
+    # the tiny random model is never correct: with the default correctness filter every group would be a
+    # masked fill-up and nothing would train; its shaped rewards still differ, which is what this test needs
+    cfg.rollout.filter_groups_metric = "reward"
     cfg.rollout.temperature = 0.7   # vLLM's processed log-probs are of pi^(1/T), as the learner's
     cfg.trainer.save_every = 0
     validate(cfg)

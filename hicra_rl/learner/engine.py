@@ -507,11 +507,14 @@ class PolicyLearner:
             # DeepSpeed averages over ranks; the normalisers are global, so undo the average.
             with self._gradient_sync():
                 engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            mb_tokens = float(mb_mask.sum())
+            # token-mean stats weigh each micro-batch by its loss tokens; a batch whose every token is masked
+            # (all fill-up groups) weighs micro-batches equally, so a stat's own no-token value (e.g. a
+            # rollout-correction ratio of 1) comes through instead of 0 / 0
+            mb_weight = float(mb_mask.sum()) if n_tok > 0 else 1.0
             for k, v in mb_summed.items():
                 summed[k] = summed.get(k, 0.0) + v
             for k, v in mb_means.items():
-                weighted[k] = weighted.get(k, 0.0) + v * mb_tokens
+                weighted[k] = weighted.get(k, 0.0) + v * mb_weight
         # A non-finite gradient norm skips the optimizer step: DeepSpeed's ZeRO optimizers do it themselves
         # (their overflow check: grads cleared, norm reported as inf); the plain fp32 path skips it here.
         if self._needs_own_grad_norm():
@@ -527,9 +530,11 @@ class PolicyLearner:
             skipped = grad_norm is not None and not math.isfinite(float(grad_norm))
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         keys_summed, keys_weighted = sorted(summed), sorted(weighted)
-        totals = self._all_reduce_sum([summed[k] for k in keys_summed] + [weighted[k] for k in keys_weighted])
+        totals = self._all_reduce_sum([summed[k] for k in keys_summed] + [weighted[k] for k in keys_weighted]
+                                      + [float(len(plan))])
         out = dict(zip(keys_summed, totals[:len(keys_summed)]))
-        out.update({k: v / max(n_tok, 1.0) for k, v in zip(keys_weighted, totals[len(keys_summed):])})
+        weight_total = n_tok if n_tok > 0 else max(totals[-1], 1.0)
+        out.update({k: v / weight_total for k, v in zip(keys_weighted, totals[len(keys_summed):-1])})
         out["grad_norm"] = grad_norm
         out["nonfinite_skipped"] = float(skipped)
         out["n_tokens"] = n_tok
