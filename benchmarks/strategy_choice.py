@@ -56,6 +56,11 @@ def finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / f"eval-step{steps}.json").is_file()
 
 
+def published(data: str, name: str, steps: int) -> bool:
+    """Already in the committed results (a fresh clone has no runs/ but these): not re-run."""
+    return finished(RESULTS / data / name, steps)
+
+
 def publish(run_dir: Path, dest: Path) -> list[Path]:
     """Copy what the report reads (config, metrics, evaluations) to the committed results."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -82,14 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-seeds", type=int, default=2)
     p.add_argument("--commit", action="store_true", help="git commit each finished run's results")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--data", action="append", choices=DIFFICULTIES,
+                   help="only these difficulties (repeatable; default both), e.g. to finish hard's seeds first")
     p.add_argument("overrides", nargs="*", help="more hicra-train overrides (after --)")
     args = p.parse_args(argv)
     steps = total_steps(args.overrides)
     train = str(Path(sys.executable).parent / "hicra-train")
     for data, alpha, seed in grid(args.seeds, args.extra_seeds):
+        if args.data and data not in args.data:
+            continue
         stem, algo = arm(alpha)
         name = f"{stem}-s{seed}"
         run_dir = RUNS / data / name
+        if published(data, name, steps) and not finished(run_dir, steps):
+            print(f"strategy_choice: {data}/{name} published in {RESULTS / data / name}")
+            continue
         if finished(run_dir, steps):
             print(f"strategy_choice: {data}/{name} done")
         else:

@@ -91,3 +91,21 @@ def test_unfinished_run_is_started_with_the_arms_overrides(tmp_path, monkeypatch
     assert len(lines) == 6
     assert lines[1].endswith("+experiment=strategy_choice data=strat_hard algorithm=hicra algorithm.hicra_alpha=1.0 "
                              "trainer.seed=0 trainer.total_steps=16")
+
+
+def test_published_runs_are_not_rerun_on_a_fresh_clone_and_data_filters(tmp_path, monkeypatch, capsys):
+    """A fresh clone has benchmarks/results but no runs/: a published run is not trained again; --data keeps
+    only that difficulty's arms, in the grid's order."""
+    mod = _grid_module()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mod, "total_steps", lambda overrides: 16)
+    dest = tmp_path / mod.RESULTS / "strat_hard" / "grpo-a0.0-s0"
+    dest.mkdir(parents=True)
+    (dest / "eval-step16.json").write_text(json.dumps({"metrics": {"eval/pass@1": 0.5}}))
+    assert mod.main(["--seeds", "2", "--extra-seeds", "0", "--data", "strat_hard", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    runs = [ln.split("data=")[1].split()[0] + " " + ln.split("trainer.seed=")[1].split()[0]
+            for ln in out.splitlines() if "hicra-train" in ln]
+    assert "strat_hard/grpo-a0.0-s0 published" in out
+    assert runs == ["strat_hard 0", "strat_hard 1", "strat_hard 1", "strat_hard 0", "strat_hard 1"]
+    assert "strat_easy" not in out
