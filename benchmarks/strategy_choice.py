@@ -61,13 +61,28 @@ def published(data: str, name: str, steps: int) -> bool:
     return finished(RESULTS / data / name, steps)
 
 
+def cold_start_fingerprint(run_dir: Path) -> dict:
+    """sha256 of the cold start's weights the run started from (its config's trainer.init_checkpoint): every
+    run of one comparison must share it (a re-made cold start is not bitwise the same one)."""
+    import hashlib
+
+    init = json.loads((run_dir / "config.json").read_text())["trainer"]["init_checkpoint"]
+    digest = hashlib.sha256()
+    with open(Path(init) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"init_checkpoint": init, "model_safetensors_sha256": digest.hexdigest()}
+
+
 def publish(run_dir: Path, dest: Path) -> list[Path]:
-    """Copy what the report reads (config, metrics, evaluations) to the committed results."""
+    """Copy what the report reads (config, metrics, evaluations) to the committed results, with the cold
+    start's fingerprint (cold_start.json)."""
     dest.mkdir(parents=True, exist_ok=True)
     files = [run_dir / n for n in KEPT] + sorted(run_dir.glob("eval-step*.json"))
     for f in files:
         shutil.copy2(f, dest / f.name)
-    return [dest / f.name for f in files]
+    (dest / "cold_start.json").write_text(json.dumps(cold_start_fingerprint(run_dir), indent=2) + "\n")
+    return [dest / f.name for f in files] + [dest / "cold_start.json"]
 
 
 def commit(paths: list[Path], message: str) -> None:

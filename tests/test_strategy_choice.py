@@ -68,17 +68,22 @@ def test_finished_runs_are_skipped_and_published(tmp_path, monkeypatch, capsys):
     for d, a, s in mod.grid(1, 0):
         run = tmp_path / mod.RUNS / d / f"{mod.arm(a)[0]}-s{s}"
         run.mkdir(parents=True)
-        (run / "config.json").write_text("{}")
+        (run / "config.json").write_text(json.dumps({"trainer": {"init_checkpoint": str(tmp_path / "cold")}}))
         (run / "metrics.jsonl").write_text("{}\n")
         (run / "eval-step16.json").write_text(json.dumps({"metrics": {"eval/pass@1": 0.5}}))
         (run / "checkpoints").mkdir()  # not published
     monkeypatch.setattr(mod, "total_steps", lambda overrides: 16)
+    (tmp_path / "cold").mkdir()
+    (tmp_path / "cold" / "model.safetensors").write_bytes(b"abc")
     assert mod.main(["--seeds", "1", "--extra-seeds", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count(" done") == 6 and "hicra-train" not in out
     published = sorted(p.relative_to(tmp_path / mod.RESULTS).as_posix() for p in (tmp_path / mod.RESULTS).rglob("*")
                        if p.is_file())
-    assert len(published) == 6 * 3 and "strat_hard/hicra-a1.0-s0/eval-step16.json" in published
+    assert len(published) == 6 * 4 and "strat_hard/hicra-a1.0-s0/eval-step16.json" in published
+    fingerprint = json.loads((tmp_path / mod.RESULTS / "strat_easy/grpo-a0.0-s0/cold_start.json").read_text())
+    assert fingerprint == {"init_checkpoint": str(tmp_path / "cold"),  # sha256 of b"abc" (FIPS 180-2 example)
+                           "model_safetensors_sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
     assert not any("checkpoints" in p for p in published)
 
 
