@@ -891,6 +891,19 @@ def ratio_bootstrap(num: np.ndarray, den: np.ndarray, paired: bool, n_boot: int 
     return float(lo), float(hi)
 
 
+def log_ratio_t_interval(num: np.ndarray, den: np.ndarray) -> tuple[float, float] | None:
+    """95% interval of the ratio from the seeds' paired log ratios log(num[i] / den[i]): Student-t with n − 1
+    degrees of freedom, mapped back with exp (an interval for the geometric mean of the per-seed ratios).
+    With 2–3 seeds the percentile bootstrap of ``ratio_bootstrap`` can draw only a handful of distinct
+    resamples and is far too narrow; this one carries the small-sample t quantile (12.7 at 2 seeds).
+    None with fewer than two pairs or a slope <= 0 (no log)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if num.size < 2 or num.size != den.size or np.any(num <= 0) or np.any(den <= 0):
+        return None
+    lo, hi = t_interval(np.log(num / den).tolist())
+    return math.exp(lo), math.exp(hi)
+
+
 def slope_ratio(hicra: list[dict[str, Any]], grpo: list[dict[str, Any]], paired: bool, n_boot: int,
                 rng_seed: int) -> dict[str, Any]:
     """Mean HICRA slope / mean GRPO slope with its bootstrap CI, the GRPO slope's t-interval, and the law's
@@ -903,7 +916,7 @@ def slope_ratio(hicra: list[dict[str, Any]], grpo: list[dict[str, Any]], paired:
     alpha = hicra[0]["alpha"]
     pbar = mean_or_none([r["pbar"] for r in hicra + grpo])
     out: dict[str, Any] = {"data": hicra[0]["data"], "arm": hicra[0]["arm"], "alpha": alpha, "paired": paired,
-                           "n_hicra": len(h), "n_grpo": len(g), "ratio": None, "ratio_ci": None,
+                           "n_hicra": len(h), "n_grpo": len(g), "ratio": None, "ratio_ci": None, "ratio_t_ci": None,
                            "grpo_slope": None, "grpo_slope_ci": None, "pbar": pbar, "note": None,
                            "prediction": None if alpha is None or pbar is None else 1 + alpha * (1 - 2 * pbar)}
     if not h or not g:
@@ -918,6 +931,8 @@ def slope_ratio(hicra: list[dict[str, Any]], grpo: list[dict[str, Any]], paired:
     out["ratio"] = float(hs.mean() / gs.mean())
     rci = ratio_bootstrap(hs, gs, paired, n_boot, rng_seed) if len(h) > 1 or len(g) > 1 else None
     out["ratio_ci"] = list(rci) if rci else None
+    tci = log_ratio_t_interval(hs, gs) if paired else None
+    out["ratio_t_ci"] = list(tci) if tci else None
     if ci is None:
         out["note"] = "one GRPO seed: the GRPO slope has no confidence interval"
     return out
@@ -975,12 +990,13 @@ def slope_text(stats: dict[str, Any]) -> str:
 
 def ratio_row(q: dict[str, Any]) -> str:
     if q["note"] == UNDEFINED_RATIO:
-        ratio, ci = UNDEFINED_RATIO, "–"
+        ratio, ci, tci = UNDEFINED_RATIO, "–", "–"
     else:
         ratio, ci = fmt_num(q["ratio"], 3), fmt_ci(q["ratio_ci"], 3)
+        tci = fmt_ci(q.get("ratio_t_ci"), 3) if q.get("ratio_t_ci") else "–"
     pairing = "by seed" if q["paired"] else "independent"
     return (f"| {q['data']} | {fmt_num(q['alpha'], 2)} | {q['n_hicra']} vs {q['n_grpo']} ({pairing}) | "
-            f"{fmt_num(q['grpo_slope'])} {fmt_ci(q['grpo_slope_ci'])} | {ratio} | {ci} | {fmt_num(q['pbar'], 3)} | "
+            f"{fmt_num(q['grpo_slope'])} {fmt_ci(q['grpo_slope_ci'])} | {ratio} | {tci} | {ci} | {fmt_num(q['pbar'], 3)} | "
             f"{fmt_num(q['prediction'], 3)} |")
 
 
@@ -1008,9 +1024,10 @@ def render_strategy_table(strategy: dict[str, Any]) -> str:
                   f"{slope_text(a['slope'])} | {fmt_num(a['pbar'], 3)} | {fmt_num(a['semantic_entropy'], 3)} | "
                   f"{fmt_num(a['final_pass1'])} |" for a in d["arms"]]
         lines += ["", "| data | α | HICRA vs GRPO seeds | GRPO slope, 95% t-CI | ratio HICRA / GRPO slope | "
-                  "95% CI (bootstrap over seeds) | p̄ | law: 1 + α(1 − 2p̄) |",
-                  "| --- | ---: | --- | --- | --- | --- | ---: | ---: |"]
-        lines += [ratio_row(q) for q in d["ratios"]] or ["| – | – | no HICRA and GRPO arms | – | – | – | – | – |"]
+                  "95% CI (paired t on per-seed log ratios) | 95% CI (bootstrap over seeds) | p̄ | "
+                  "law: 1 + α(1 − 2p̄) |",
+                  "| --- | ---: | --- | --- | --- | --- | --- | ---: | ---: |"]
+        lines += [ratio_row(q) for q in d["ratios"]] or ["| – | – | no HICRA and GRPO arms | – | – | – | – | – | – |"]
         lines += [f"- α={fmt_num(q['alpha'], 2)}: {q['note']}" for q in d["ratios"]
                   if q["note"] and q["note"] != UNDEFINED_RATIO]
         lines += ["", "Per run:", "", "| arm | seed | steps | slope | p̄ (source) | semantic entropy |",
@@ -1018,7 +1035,11 @@ def render_strategy_table(strategy: dict[str, Any]) -> str:
         lines += [f"| {r['arm']} | {r['seed']} | {r['n_steps']} | {fmt_num(r['slope'])} | {fmt_num(r['pbar'], 3)} "
                   f"({r['pbar_source'] or '–'}) | {fmt_num(r['semantic_entropy'], 3)} |" for r in d["runs"]]
         lines.append("")
-    lines += [f"Ratio CI: {strategy['bootstrap']} bootstrap resamples of the seeds (rng seed {strategy['rng_seed']}, "
+    lines += ["Paired t CI (the one to read with 2–5 seeds): exp of the Student-t interval (n − 1 df) of the mean "
+              "per-seed log(HICRA slope / GRPO slope), i.e. for the geometric mean of the per-seed ratios; only when "
+              "both arms ran the same seeds and every slope is > 0. The percentile bootstrap below can draw only a "
+              "few distinct resamples of 2–3 seeds and is too narrow there.", ""]
+    lines += [f"Bootstrap CI: {strategy['bootstrap']} bootstrap resamples of the seeds (rng seed {strategy['rng_seed']}, "
               "percentile 2.5/97.5), HICRA and GRPO runs of the same seed drawn together when both arms ran the "
               "same seeds (by seed), else each arm resampled on its own (independent). p̄ of the law = mean p̄ "
               "of the GRPO runs and the HICRA runs of that α."]

@@ -440,7 +440,7 @@ def test_slopes_ratio_and_law_prediction(strategy_built):
     assert q[0.2]["grpo_slope_ci"] == pytest.approx([0.1 - 4.3027 * 0.01 / math.sqrt(3),
                                                      0.1 + 4.3027 * 0.01 / math.sqrt(3)], abs=1e-4)
     table = (root / "report" / "strategy_slopes.md").read_text()
-    assert "| strat_hard | 0.20 | 3 vs 3 (by seed) |" in table and "| 1.600 | [+1.600, +1.600] | 0.300 | 1.080 |" in table
+    assert "| strat_hard | 0.20 | 3 vs 3 (by seed) |" in table and "| 1.600 | [+1.600, +1.600] | [+1.600, +1.600] | 0.300 | 1.080 |" in table
 
 
 def test_undistinguishable_grpo_slope_gives_no_ratio(strategy_built):
@@ -453,6 +453,19 @@ def test_undistinguishable_grpo_slope_gives_no_ratio(strategy_built):
         assert q["pbar"] == pytest.approx(0.55)  # no mixed-group accuracy logged: reward/accuracy
     table = (root / "report" / "strategy_slopes.md").read_text()
     assert table.count(report.UNDEFINED_RATIO) == 2
+
+
+def test_log_ratio_t_interval_by_hand():
+    # per-seed ratios 1 and 4: log ratios 0 and ln 4 = 1.3863; mean 0.6931, sd 0.9803, se 0.6931; t(0.975, 1)
+    # = 12.706: exp(0.6931 -+ 8.8069) = [0.000299, 13365]
+    lo, hi = report.log_ratio_t_interval(np.array([1.0, 4.0]), np.array([1.0, 1.0]))
+    assert lo == pytest.approx(math.exp(0.693147 - 12.7062 * 0.693147), rel=1e-3)
+    assert hi == pytest.approx(math.exp(0.693147 + 12.7062 * 0.693147), rel=1e-3)
+    assert (lo, hi) == pytest.approx((2.993e-4, 1.3365e4), rel=2e-3)
+    # the same ratio on every seed: a point; a slope <= 0 or one seed: no interval
+    assert report.log_ratio_t_interval(np.array([0.2, 0.4, 0.3]), np.array([0.1, 0.2, 0.15])) == pytest.approx((2.0, 2.0))
+    assert report.log_ratio_t_interval(np.array([0.2, -0.1]), np.array([0.1, 0.2])) is None
+    assert report.log_ratio_t_interval(np.array([0.2]), np.array([0.1])) is None
 
 
 def test_independent_ratio_ci_is_wider_than_paired():
