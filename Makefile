@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-fast lint bench clean-shm strategy-testbed strategy-grid
+.PHONY: install run test test-fast lint bench clean-shm strategy-testbed strategy-grid docker-cpu
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-# The main job: a supervised cold start (made once, reused after), then HICRA RL on the CPU default.
+# The main job: a supervised cold start (made once, reused after), then HICRA RL on the CPU default, ending
+# with held-out Pass@1 before -> after (64 eval-role problems, k=4: two evaluations of ~1 min each).
 # -v2: problems held out by role and prompts without SmolLM2's default system text (a v1 cold start saw other items)
 COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-arith-v2
 run: install
 	test -f $(COLD_START)/config.json || $(BIN)/hicra-sft out_dir=$(COLD_START)
-	$(BIN)/hicra-train trainer.init_checkpoint=$(COLD_START) $(ARGS)
+	$(BIN)/hicra-train trainer.init_checkpoint=$(COLD_START) +eval_data=arith_test trainer.eval_before_after=true $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q --timeout 900 tests $(ARGS)
@@ -45,7 +46,7 @@ clean-shm:
 
 # The strategy-choice testbed (issue 21, docs/hicra_law.md): a cold start that announces one of two strategies
 # (left to right; all in one step) independently of the problem, then its per-strategy accuracy on held-out
-# problems of both difficulties (benchmarks/results/strategy_choice/cold_start/testbed.md). ~15 min on 2 cores.
+# problems of both difficulties (benchmarks/results/strategy_choice/cold_start/testbed.md). 20-45 min on 2 cores.
 STRAT_COLD_START ?= $(HOME)/.cache/hicra-rl/cold_start/smollm2_135m-strat-v1
 strategy-testbed: install
 	test -f $(STRAT_COLD_START)/config.json || $(BIN)/hicra-sft data=strat_mix 'strategies=[left_to_right,direct]' \
@@ -58,3 +59,15 @@ strategy-grid: install
 	$(BIN)/python benchmarks/strategy_choice.py $(ARGS)
 	$(BIN)/hicra-report benchmarks/results/strategy_choice/strat_hard benchmarks/results/strategy_choice/strat_easy \
 		--out benchmarks/results/strategy_choice/report
+
+# The CPU image and a 2-step training job in containers (docs/docker.md): docker/compose.yaml's cpu profile, a Ray
+# head and a driver that submits the job; its checkpoint and metrics.jsonl land in runs/docker/hicra-cpu-smoke/.
+# Not part of `make test` (the first image build alone takes ~N min). DOCKER_PREPARE: the host's preparation (root;
+# Docker Engine, compose v2, dockerd, a local base image for a machine without a registry); set it empty where
+# Docker and a registry are there already. The exit code is the driver's.
+DOCKER_PREPARE ?= docker/prepare_host.sh
+DOCKER_COMPOSE = docker compose -f docker/compose.yaml $(if $(wildcard docker/local.env),--env-file docker/local.env) --profile cpu
+docker-cpu:
+	$(DOCKER_PREPARE)
+	$(DOCKER_COMPOSE) build
+	$(DOCKER_COMPOSE) up --exit-code-from train-cpu; rc=$$?; $(DOCKER_COMPOSE) down; exit $$rc

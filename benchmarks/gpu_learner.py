@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_learner.py --json runs/gpu_learner.json          # GPU: SmolLM2-135M and a ~1B Llama, bf16
     python benchmarks/gpu_learner.py --cpu-smoke --json /tmp/smoke.json    # CPU: tiny Llama, fp32, 2 steps (CI)
+    python benchmarks/gpu_learner.py --lora --json runs/gpu_learner_lora.json   # the same with LoRA adapters
 
 One rank of ``hicra_rl.learner.engine.PolicyLearner`` (NCCL on a GPU, gloo on CPU), on-policy updates
 (one epoch, one mini-batch, ``old_log_probs`` None) on a synthetic batch: ``--seqs`` responses in prompt
@@ -22,6 +23,12 @@ size, s_i = length of sequence i (attention not discounted for causality).  The 
 logits only at response positions, so 6*N*T overstates the lm_head work on prompt tokens by
 6 * vocab * hidden * (prompt tokens): about 5% for SmolLM2-135M and 2% for the 1B at prompt 256 /
 response 768.  MFU = achieved TFLOP/s / the GPU's dense bf16 peak (table below, or --peak-tflops).
+
+``--lora`` (``learner.lora``: rank ``--lora-rank``, alpha ``--lora-alpha`` on ``--lora-targets``, default
+all-linear): the frozen weights get no weight gradient, so their backward is the input gradient only, and the
+adapters' N_lora parameters do the full forward + backward:
+    4 * N * T  +  6 * N_lora * T  +  12 * L * d_attn * sum_i s_i^2
+Each model's figures then also give the trainable parameters and the optimizer state's bytes.
 
 The GPU image may have torch and transformers but not DeepSpeed / Hydra: the script then stops with a
 one-line message giving the ``pip install`` pins from pyproject.toml.
@@ -72,6 +79,21 @@ def peak_tflops_for(device_name: str | None, override: float | None = None) -> f
 def train_flops(matmul_params: int, n_tokens: int, n_layers: int, attn_dim: int, seq_lens) -> float:
     """Model FLOPs of one forward + backward: 6*N*T + 12*L*d_attn*sum(s^2) (see the module docstring)."""
     return 6.0 * matmul_params * n_tokens + 12.0 * n_layers * attn_dim * sum(float(s) * s for s in seq_lens)
+
+
+def lora_train_flops(matmul_params: int, lora_params: int, n_tokens: int, n_layers: int, attn_dim: int,
+                     seq_lens) -> float:
+    """Model FLOPs of one LoRA forward + backward: 4*N*T + 6*N_lora*T + 12*L*d_attn*sum(s^2) (module docstring)."""
+    return (4.0 * matmul_params * n_tokens + 6.0 * lora_params * n_tokens
+            + 12.0 * n_layers * attn_dim * sum(float(s) * s for s in seq_lens))
+
+
+def lora_settings(args) -> dict | None:
+    """The ``learner.lora`` fields of ``--lora`` (None without it)."""
+    if not args.lora:
+        return None
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha,
+            "target_modules": [t.strip() for t in args.lora_targets.split(",") if t.strip()]}
 
 
 def mfu(achieved_tflops: float, peak: float | None) -> float | None:
@@ -126,15 +148,15 @@ def save_random_model(config, out_dir: str, dtype, device: str) -> str:
     return out_dir
 
 
-def missing_requirements() -> list[str]:
-    """pyproject pins of the learner's dependencies that are not importable here."""
+def missing_requirements(lora: bool = False) -> list[str]:
+    """pyproject pins of the learner's dependencies that are not importable here (``lora``: peft too)."""
     text = (ROOT / "pyproject.toml").read_text() if (ROOT / "pyproject.toml").is_file() else ""
 
     def pin(dist: str) -> str:
         m = re.search(rf'"({re.escape(dist)}\s*[<>=!~][^"]*)"', text)
         return m.group(1).replace(" ", "") if m else dist
 
-    need = {"deepspeed": "deepspeed", "hydra": "hydra-core", "omegaconf": "hydra-core"}
+    need = {"deepspeed": "deepspeed", "hydra": "hydra-core", "omegaconf": "hydra-core", **({"peft": "peft"} if lora else {})}
     return sorted({pin(dist) for mod, dist in need.items() if importlib.util.find_spec(mod) is None})
 
 
@@ -173,7 +195,7 @@ def bench_model(name: str, path: str, args, peak: float | None, dtype: str) -> d
     import torch
     from transformers import AutoConfig
 
-    from hicra_rl.config import LearnerConfig
+    from hicra_rl.config import LearnerConfig, LearnerLoraConfig
     from hicra_rl.learner.engine import PolicyLearner
 
     on_gpu = torch.cuda.is_available()
@@ -182,15 +204,20 @@ def bench_model(name: str, path: str, args, peak: float | None, dtype: str) -> d
     n_matmul = matmul_params(config, n_params)
     batch, seq_lens, planning_frac = make_batch(args, config.vocab_size, args.seed)
     n_tokens = int(batch["attention_mask"].sum())
-    flops = train_flops(n_matmul, n_tokens, config.num_hidden_layers, attn_dim(config), seq_lens)
+    lora = lora_settings(args)
 
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     cfg = LearnerConfig(zero_stage=args.zero_stage, lr=1e-6, micro_batch_size=args.micro_batch_size,
-                        shared_prefix=False)
+                        shared_prefix=False, lora=LearnerLoraConfig(**lora) if lora else LearnerLoraConfig())
     learner = PolicyLearner(cfg, model_path=path, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing,
                             master_port=args.port)
+    trainable = learner.trainable_params
+    if lora:
+        flops = lora_train_flops(n_matmul, trainable, n_tokens, config.num_hidden_layers, attn_dim(config), seq_lens)
+    else:
+        flops = train_flops(n_matmul, n_tokens, config.num_hidden_layers, attn_dim(config), seq_lens)
     times, stats = [], []
     for step in range(args.warmup + args.steps):
         if on_gpu:
@@ -206,6 +233,7 @@ def bench_model(name: str, path: str, args, peak: float | None, dtype: str) -> d
             times.append(dt)
             stats.append(st)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    optimizer_bytes = learner.optimizer_state_bytes()
     learner.close()
     del learner
     gc.collect()
@@ -224,6 +252,7 @@ def bench_model(name: str, path: str, args, peak: float | None, dtype: str) -> d
         "update_s_median": sec, "update_s": times, "tokens_per_s": n_tokens / sec,
         "flops_per_update": flops, "tflops": tflops, "mfu": mfu(tflops, peak),
         "peak_mem_gib": peak_mem, "loss": stats[-1]["actor/loss"], "grad_norm": stats[-1]["actor/grad_norm"],
+        "lora": lora, "trainable_params": trainable, "optimizer_state_bytes": optimizer_bytes,
     }
 
 
@@ -248,9 +277,13 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny Llama, fp32, 8 x 40 tokens, 1 + 2 updates")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters (learner.lora) instead of full fine-tuning")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", default="all-linear", help="comma list of module names, or all-linear")
     args = p.parse_args(argv)
 
-    missing = missing_requirements()
+    missing = missing_requirements(args.lora)
     if missing:
         print(f"gpu_learner.py: {', '.join(m.split('>')[0].split('=')[0] for m in missing)} not installed: "
               f"pip install {' '.join(repr(m) for m in missing)} first", file=sys.stderr)
@@ -265,6 +298,15 @@ def main(argv=None) -> int:
         args.micro_batch_size, args.steps, args.warmup, args.dtype = 4, 2, 1, "float32"
     if args.seqs % args.group_size:
         p.error(f"--seqs {args.seqs} is not a multiple of --group-size {args.group_size}")
+    if args.lora:
+        if args.lora_rank < 1:
+            p.error(f"--lora-rank must be >= 1 with --lora, got {args.lora_rank}")
+        from hicra_rl.config import ConfigError, LearnerLoraConfig, check_lora_config
+
+        try:
+            check_lora_config(LearnerLoraConfig(**lora_settings(args)), "--lora")
+        except ConfigError as err:
+            p.error(str(err))
     on_gpu = torch.cuda.is_available() and not args.cpu_smoke
     if args.cpu_smoke and torch.cuda.is_available():
         p.error("--cpu-smoke runs on CPU: torch was imported with the GPU visible; run it as a script")
@@ -279,7 +321,12 @@ def main(argv=None) -> int:
     peak = peak_tflops_for(device_name if on_gpu else None, args.peak_tflops)
     print(f"device {device_name}  dense bf16 peak {f'{peak:g} TFLOP/s' if peak else 'unknown (MFU n/a)'}  "
           f"dtype {dtype}  torch {torch.__version__}", flush=True)
-    print("FLOPs/update = 6*N*T + 12*L*d_attn*sum(s_i^2)  (N matmul params, T tokens, s_i sequence lengths)")
+    formula = ("4*N*T + 6*N_lora*T + 12*L*d_attn*sum(s_i^2)  (LoRA: no weight gradient of the N frozen matmul params"
+               ", N_lora adapter params" if args.lora else "6*N*T + 12*L*d_attn*sum(s_i^2)  (N matmul params")
+    print(f"FLOPs/update = {formula}, T tokens, s_i sequence lengths)")
+    if args.lora:
+        lo = lora_settings(args)
+        print(f"LoRA rank {lo['rank']}, alpha {lo['alpha']:g}, targets {lo['target_modules']}")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu_learner-") as tmp:
@@ -302,10 +349,13 @@ def main(argv=None) -> int:
             results.append(r)
             mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
             mfu_s = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            lora_s = (f", LoRA rank {r['lora']['rank']}: {r['trainable_params'] / 1e6:.2f}M trainable, optimizer state "
+                      f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB" if r["lora"] else
+                      f", optimizer state {r['optimizer_state_bytes'] / 2**20:.1f} MiB")
             print(f"{name}: {r['params'] / 1e6:.1f}M params ({r['matmul_params'] / 1e6:.1f}M in matmuls), batch "
                   f"{r['seqs']} x {r['prompt_len'] + r['response_len']} tokens ({r['tokens_per_update']} tokens, "
                   f"planning {r['planning_frac']:.1%}), micro-batch {r['micro_batch_size']}, ZeRO-{r['zero_stage']}"
-                  f"{', grad ckpt' if r['gradient_checkpointing'] else ''}\n"
+                  f"{', grad ckpt' if r['gradient_checkpointing'] else ''}{lora_s}\n"
                   f"  {r['update_s_median']:.3f} s/update (median of {len(r['update_s'])})  "
                   f"{r['tokens_per_s']:,.0f} tokens/s  {r['tflops']:.3g} TFLOP/s  "
                   f"MFU {mfu_s}  peak mem {mem}  "
@@ -313,7 +363,8 @@ def main(argv=None) -> int:
 
     if args.json:
         out = {"device": device_name, "peak_tflops": peak, "dtype": dtype, "torch": torch.__version__,
-               "flops_formula": "6*N*T + 12*L*d_attn*sum(s_i^2)", "models": results}
+               "flops_formula": ("4*N*T + 6*N_lora*T + 12*L*d_attn*sum(s_i^2)" if args.lora
+                                 else "6*N*T + 12*L*d_attn*sum(s_i^2)"), "lora": lora_settings(args), "models": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

@@ -96,6 +96,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.learner = None
         self._sender, self._pending = None, None
+        self._published: dict[str, object] = {}  # rank 0, shm_file: weight files written and not yet released
         _set_threads(torch_threads)
 
     def node_id(self) -> str:
@@ -140,7 +141,9 @@ class LearnerWorker:
         if self.rank != 0:
             return None
         if self._sender is None:
-            return publish_state_dict(state)
+            handle = publish_state_dict(state)
+            self._published[handle.path] = handle
+            return handle
         self._pending = state
         return self._sender.manifest(state)
 
@@ -166,6 +169,7 @@ class LearnerWorker:
 
         if handle.transport == "shm_file":
             release(handle)
+            self._published.pop(handle.path, None)
 
     def save(self, ckpt_root: str, step: int, extra: dict, keep_last: int) -> str:
         from hicra_rl.learner.checkpoint import save_checkpoint
@@ -178,6 +182,11 @@ class LearnerWorker:
         return load_checkpoint(self.learner, ckpt_dir)
 
     def close(self) -> None:
+        from hicra_rl.rollout.weight_sync import release
+
+        for handle in list(self._published.values()):  # e.g. the weights LearnerGroup kept (keep_fleet_weights)
+            release(handle)
+        self._published.clear()
         if self.learner is not None:
             self.learner.close()
 
@@ -207,6 +216,50 @@ class VerifierWorker:
 
     def close(self) -> None:
         self.verifier.close()
+
+
+class RewardModelWorker:
+    """Owns one learned reward model (``hicra_rl.rewards.model.RewardModelScorer``): scores batches of
+    (prompt, response) texts.  Time-bounded: while one ``score`` call has run longer than ``time_limit_s``,
+    ``health`` reports it, so the fleet's health check kills and restarts this actor and scores its share
+    again (``faults/reward_model_restarts``), as for a dead one.  Runs with two threads (``health`` answers
+    during ``score``)."""
+
+    def __init__(self, path: str, *, dtype: str, batch_size: int, max_tokens: int, time_limit_s: float,
+                 torch_threads: int | None = None):
+        import time
+
+        from hicra_rl.rewards.model import RewardModelScorer
+
+        _set_threads(torch_threads)
+        self.time_limit_s = time_limit_s
+        self.scorer = RewardModelScorer(path, dtype=dtype, batch_size=batch_size, max_tokens=max_tokens)
+        self._busy_since: float | None = None
+        self._clock = time.monotonic
+
+    def ready(self) -> float:
+        return self.scorer.load_seconds
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """The raw score of each (prompt, response); NaN / inf stay as they are (the driver counts them)."""
+        self._busy_since = self._clock()
+        try:
+            return self.scorer.score(pairs)
+        finally:
+            self._busy_since = None
+
+    def health(self) -> str | None:
+        since = self._busy_since
+        if since is not None and self._clock() - since > self.time_limit_s:
+            return (f"has been scoring one batch for {self._clock() - since:.0f} s, over reward.model_timeout_s="
+                    f"{self.time_limit_s:g}")
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return self.scorer.stats()
+
+    def close(self) -> None:
+        self.scorer = None
 
 
 class MetricsWorker:

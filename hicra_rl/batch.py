@@ -33,6 +33,11 @@ class RolloutBatch:
     planning_masks: list[Any] = field(default_factory=list)   # bool per response token
     tagged_texts: list[str] = field(default_factory=list)     # text decoded from response_ids (tagger's)
     sg_occurrences: list[list[tuple[int, int, str]]] = field(default_factory=list)  # in tagged_texts
+    # policy version (``LearnerGroup.version``) of the weights that sampled each response (``Fleet.generate``):
+    # one value unless a rollout worker restarted mid-generation was given other weights than the others
+    policy_versions: list[int] = field(default_factory=list)
+    # the learned reward model's raw score per response (reward.model set; NaN where it was not finite)
+    model_scores: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -50,7 +55,8 @@ class RolloutBatch:
         for name in ("prompt_ids", "sampling_logprobs", "finish_reasons", "group_ids", "response_texts"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, expected {n}")
-        for name in ("prompt_texts", "golds", "tasks", "scores", "planning_masks", "tagged_texts", "sg_occurrences"):
+        for name in ("prompt_texts", "golds", "tasks", "scores", "planning_masks", "tagged_texts", "sg_occurrences",
+                     "policy_versions", "model_scores"):
             value = getattr(self, name)
             if value and len(value) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(value)} rows, expected {n}")
@@ -77,7 +83,8 @@ class RolloutBatch:
         return out
 
     _PER_RESPONSE = ("prompt_ids", "response_ids", "sampling_logprobs", "finish_reasons", "response_texts",
-                     "prompt_texts", "golds", "tasks", "scores", "planning_masks", "tagged_texts", "sg_occurrences")
+                     "prompt_texts", "golds", "tasks", "scores", "planning_masks", "tagged_texts", "sg_occurrences",
+                     "policy_versions", "model_scores")
 
     def take_groups(self, groups: Sequence[int]) -> RolloutBatch:
         """The responses of prompt groups ``groups`` (in that order), renumbered 0..len(groups)-1; every

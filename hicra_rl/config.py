@@ -154,6 +154,30 @@ class RewardConfig:
     overlong_buffer: int = 32          # DAPO's L_cache; must be <= rollout.max_new_tokens
     overlong_penalty_factor: float = 1.0
     format_penalty: float = 0.0
+    # learned reward models (docs/reward_models.md): what the reward a response trains on is made of:
+    # verifier | model | sum | gated (hicra_rl/rewards/combine.py; gated: the model's score counts only where the
+    # verifier accepts). `model` is an HF sequence-classification folder with a scalar head (hicra-rm train
+    # writes one); with source=verifier a set model is only measured (reward/model_*)
+    source: str = "verifier"
+    model: Optional[str] = None
+    model_weight: float = 1.0          # w: model -> w*m, sum -> v + w*m, gated -> v + w*sigmoid(m) where accepted
+    model_num_workers: int = 1         # reward-model actors (the batch is split over them)
+    model_batch_size: int = 16         # sequences per forward
+    model_max_tokens: int = 1024       # prompt + response tokens read (longer: the last ones, counted)
+    # a scoring call running longer counts as a hung reward model: killed, restarted, its share scored again
+    model_timeout_s: float = 120.0
+
+
+@dataclass
+class LearnerLoraConfig:
+    """LoRA adapters on the policy (``peft``; docs/lora.md).  ``rank`` 0: off, every weight trains."""
+
+    rank: int = 0
+    alpha: float = 16.0              # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0             # on the adapters' input in training forwards (vLLM and log-prob passes: none)
+    # module names (suffixes) that get adapters; ["all-linear"]: every linear layer of the decoder except the
+    # output head (peft's "all-linear"); e.g. [q_proj, v_proj]
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
@@ -199,6 +223,9 @@ class LearnerConfig:
     # measured in the same run and minute (benchmarks/bench_step.py). It adds about the update's GEMM time
     # to those steps (not to perf/update_s). 0: never
     gemm_reference_every: int = 0
+    # low-rank adapters instead of full fine-tuning (lora.rank > 0): only the adapters train and have optimizer
+    # state; vLLM and checkpoints' hf/ get the merged weights W + (alpha / rank) * B @ A (docs/lora.md)
+    lora: LearnerLoraConfig = field(default_factory=LearnerLoraConfig)
 
 
 LEARNER_OPTIMIZERS = ("torch_adamw", "deepspeed_adamw")
@@ -229,6 +256,21 @@ def check_learner_config(l: LearnerConfig, prefix: str = "learner") -> None:
            f"must be auto or always, got {l.old_log_prob_forward!r}")
     _check(l.gemm_reference_every >= 0, f"{prefix}.gemm_reference_every",
            f"must be >= 0 (every N-th update; 0: never), got {l.gemm_reference_every}")
+    check_lora_config(l.lora, f"{prefix}.lora")
+
+
+def check_lora_config(c: LearnerLoraConfig, prefix: str = "learner.lora") -> None:
+    _check(isinstance(c.rank, int) and c.rank >= 0, f"{prefix}.rank", f"must be >= 0 (0: no LoRA), got {c.rank}")
+    if c.rank == 0:
+        return
+    _check(c.alpha > 0, f"{prefix}.alpha", f"must be > 0, got {c.alpha}")
+    _check(0.0 <= c.dropout < 1.0, f"{prefix}.dropout", f"must be in [0, 1), got {c.dropout}")
+    targets = list(c.target_modules)
+    _check(len(targets) >= 1 and all(isinstance(t, str) and t.strip() for t in targets), f"{prefix}.target_modules",
+           f"must name at least one module (e.g. [q_proj,v_proj] or [all-linear]), got {targets}")
+    _check("all-linear" not in targets or targets == ["all-linear"], f"{prefix}.target_modules",
+           f"all-linear already means every linear layer: give it alone, got {targets}")
+    _check(len(set(targets)) == len(targets), f"{prefix}.target_modules", f"names a module twice: {targets}")
 
 
 @dataclass
@@ -246,6 +288,7 @@ class ClusterConfig:
     cpus_per_actor: float = 1.0
     gpus_per_learner: float = 0.0
     gpus_per_rollout_worker: float = 0.0
+    gpus_per_reward_model: float = 0.0   # each reward-model actor (reward.model): a fraction shares a GPU
     actor_start_timeout_s: float = 300.0
     step_timeout_s: float = 1800.0
     collective_timeout_s: float = 600.0
@@ -281,6 +324,9 @@ class TrainerConfig:
     eval_every: int = 0                # 0: no periodic evaluation
     eval_samples: int = 4              # k for Pass@k during periodic evaluation
     eval_temperature: float = 0.6
+    # evaluate eval_data before the first step (eval-step0.json) and after the last one, and end by
+    # printing held-out Pass@1 before -> after (``make run`` sets it; a resumed run skips the "before")
+    eval_before_after: bool = False
     resume: str = "auto"               # auto | never | <checkpoint dir>
     init_checkpoint: Optional[str] = None  # e.g. the cold-start (SFT) model directory
     # write every step's rollouts (ids, text, reward, planning mask, token advantages) to
@@ -389,6 +435,29 @@ def hydra_entry(prog: str, config_name: str, schema: type, validate_fn, run_fn) 
     _main()
 
 
+def check_reward_model_config(rw: RewardConfig, c: ClusterConfig) -> None:
+    """The ``reward.source`` / ``reward.model*`` keys (the folder's contents are checked when the run loads its
+    inputs, before any actor starts: ``hicra_rl.rewards.model.check_reward_model_dir``)."""
+    import math
+
+    from hicra_rl.rewards.combine import REWARD_SOURCES
+
+    _check(rw.source in REWARD_SOURCES, "reward.source", f"{rw.source!r} is not one of {REWARD_SOURCES}")
+    _check(rw.source == "verifier" or bool(rw.model), "reward.model",
+           f"reward.source={rw.source} needs a reward model: set reward.model to an HF sequence-classification "
+           "folder (hicra-rm train writes one)")
+    _check(not rw.model or os.path.isdir(os.path.expanduser(rw.model)), "reward.model",
+           f"{rw.model!r} is not an existing directory")
+    _check(math.isfinite(rw.model_weight) and rw.model_weight > 0, "reward.model_weight",
+           f"must be a finite number > 0, got {rw.model_weight}")
+    _check(rw.model_num_workers >= 1, "reward.model_num_workers", f"must be >= 1, got {rw.model_num_workers}")
+    _check(rw.model_batch_size >= 1, "reward.model_batch_size", f"must be >= 1, got {rw.model_batch_size}")
+    _check(rw.model_max_tokens >= 2, "reward.model_max_tokens", f"must be >= 2, got {rw.model_max_tokens}")
+    _check(rw.model_timeout_s > 0, "reward.model_timeout_s", f"must be > 0, got {rw.model_timeout_s}")
+    _check(c.gpus_per_reward_model >= 0, "cluster.gpus_per_reward_model",
+           f"must be >= 0, got {c.gpus_per_reward_model}")
+
+
 DATA_SOURCES = ("reasoning_gym", "gsm8k", "math500", "dapo_math_17k", "deepscaler", "file", "jsonl", "parquet",
                 "disk", "hub")
 
@@ -462,6 +531,8 @@ def validate(cfg: TrainConfig) -> None:
            f"rollout.max_new_tokens ({r.max_new_tokens})")
     _check(t.eval_every == 0 or cfg.eval_data is not None, "trainer.eval_every",
            f"is {t.eval_every} but no eval_data is configured (e.g. +eval_data=arith_test, or eval_every=0)")
+    _check(not t.eval_before_after or cfg.eval_data is not None, "trainer.eval_before_after",
+           "is true but no eval_data is configured (e.g. +eval_data=arith_test)")
     _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
     for name, phrase in dict(cfg.data.strategies).items():
         _check(isinstance(name, str) and name.strip() != "" and name != "none", f"data.strategies.{name}",
@@ -492,6 +563,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(not cfg.reward.overlong_penalty or 0 < cfg.reward.overlong_buffer <= r.max_new_tokens,
            "reward.overlong_buffer", f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
     _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    check_reward_model_config(cfg.reward, c)
     from hicra_rl.rewards.math import ANSWER_MODES
 
     _check(cfg.reward.answer_mode in ANSWER_MODES, "reward.answer_mode",

@@ -2,7 +2,7 @@
 
 1. prompts of the step (a pure function of the step: exact resume)
 2. rollout: G samples per prompt (vLLM workers) -> one ``RolloutBatch``
-3. rewards (verifier pool)
+3. rewards (verifier pool; with reward.model, the learned reward model combined by reward.source)
 4. planning tags (lexicon) and advantages (group baseline + HICRA), one pure function
 5. old (and reference) log-probs (learner ranks)
 6. update (DeepSpeed ranks)
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -67,11 +68,24 @@ def extra_prompt_indices(step: int, round_: int, n_items: int, per_step: int, se
     return [int(i) for i in rng.choice(candidates, size=min(per_step, len(candidates)), replace=False)]
 
 
+def policy_lag_stats(row_versions: Sequence[int], trained_version: int) -> dict[str, float]:
+    """How old the step's samples are: a response's lag is the updates between the weights that sampled
+    it (its policy version) and the weights the step's update starts from (``trained_version``).
+    ``rollout/policy_lag`` is the mean over the batch's responses, ``rollout/policy_lag_max`` the largest,
+    ``rollout/mixed_policy_versions`` 1.0 when the responses come from more than one version (a rollout
+    worker restarted mid-generation and given other weights than the rest), else 0.0."""
+    lags = [trained_version - int(v) for v in row_versions]
+    return {"rollout/policy_lag": float(np.mean(lags)) if lags else 0.0,
+            "rollout/policy_lag_max": float(max(lags, default=0)),
+            "rollout/mixed_policy_versions": float(len(set(row_versions)) > 1)}
+
+
 @dataclass
 class Produced:
-    """A step's scored rollouts and how they were made: the weights version that sampled them (syncs done
-    before), the generate/reward timings, the dynamic-sampling statistics and the groups (indices into
-    ``batch``'s group ids) that only fill the batch up and stay out of the loss."""
+    """A step's scored rollouts and how they were made: the weights version the fleet held when the
+    generation started (syncs done before; each response's own version, when the fleet stamps them, is in
+    ``batch.policy_versions``), the generate/reward timings, the dynamic-sampling statistics and the groups
+    (indices into ``batch``'s group ids) that only fill the batch up and stay out of the loss."""
 
     batch: RolloutBatch
     prompts: list
@@ -160,6 +174,8 @@ class Trainer:
         trainer.prompts, trainer.tagger, trainer.pad_id = list(prompts), tagger, pad_id
         trainer.fleet, trainer.learners, trainer.metrics = fleet, learners, metrics
         trainer.eval_prompts, trainer.eval_meta = list(eval_prompts), list(eval_meta)
+        if hasattr(fleet, "after_rollout_restart"):  # a real ``Fleet`` (the in-process fakes never restart)
+            fleet.after_rollout_restart = trainer._after_rollout_restart
         return trainer
 
     # ------------------------------------------------------------------ set-up
@@ -210,7 +226,7 @@ class Trainer:
             model_path=self.model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
             cluster_cfg=cl, seed=cfg.trainer.seed, extra_bundles=bundles).__enter__()
         self.fleet = session.fleet
-        session.after_rollout_restart = self._after_rollout_restart
+        self.fleet.after_rollout_restart = self._after_rollout_restart
         if cfg.rollout.staleness > 0 and cfg.algorithm.rollout_correction == "none":
             log.warning("rollout.staleness=%d without algorithm.rollout_correction: the update treats samples of "
                         "the previous policy as on-policy (consider algorithm.rollout_correction=token_tis)",
@@ -218,7 +234,9 @@ class Trainer:
         threads = cl.torch_threads or max(1, (os.cpu_count() or 1) // lc.num_ranks)
         ranks = [session.start(f"learner{i}", LearnerWorker, i, lc.num_ranks, threads, _env=learner_process_env(cl))
                  for i in range(lc.num_ranks)]
-        self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device)
+        # staleness 1: the last sync's weights stay published (one copy) for a rollout worker restarted
+        # while the next step's generation overlaps the update (LearnerGroup's docstring)
+        self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device, keep_fleet_weights=cfg.rollout.staleness > 0)
         timeout = cl.actor_start_timeout_s
         addr, port = cluster.bounded_get(ranks[0].address.remote(), timeout, "learner rank 0 (address)")
         learner_kwargs = dict(
@@ -259,10 +277,14 @@ class Trainer:
 
         cfg = self.cfg
         self.model_path = resolve_model(cfg.trainer.init_checkpoint or cfg.model.path)
+        if cfg.reward.model:  # a learned reward model's folder: config, a one-output head with weights, tokenizer
+            from hicra_rl.rewards.model import check_reward_model_dir
+
+            check_reward_model_dir(cfg.reward.model)
         self.lexicon = load_lexicon(lexicon_path(cfg))
         self.problems = load_problem_set(cfg.data, cfg.trainer.seed, role="train")
         eval_problems = None
-        if cfg.eval_data is not None and cfg.trainer.eval_every > 0:
+        if cfg.eval_data is not None and (cfg.trainer.eval_every > 0 or cfg.trainer.eval_before_after):
             eval_problems = load_problem_set(cfg.eval_data, cfg.eval_data.seed, role="eval", exclude=self.problems)
         from transformers import AutoTokenizer  # ~6 s to import: after the checks of the user's inputs
 
@@ -276,9 +298,11 @@ class Trainer:
             meta = {r["id"]: r for r in eval_problems.rows}
             self.eval_meta = [meta.get(p.id, {}) for p in self.eval_prompts]
 
-    def _after_rollout_restart(self, worker) -> None:
-        """A restarted rollout worker gets the current policy weights before it generates again."""
-        self.learners.sync_weights(self.fleet, [worker])
+    def _after_rollout_restart(self, worker) -> int:
+        """A restarted rollout worker gets the weights the rest of the fleet holds before it generates again
+        (with ``rollout.staleness=1`` the last sync's kept weights, not those of the update running meanwhile);
+        returns their version, which ``Fleet.generate`` stamps on the worker's responses."""
+        return self.learners.restore_weights(self.fleet, worker)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -329,7 +353,24 @@ class Trainer:
             raise RuntimeError(f"step {step}: vLLM returned an empty response (prompt {batch.group_ids[batch.lengths.index(0)]})")
         with timer("reward"):
             batch.scores = self.fleet.score(batch)
+        if self.cfg.reward.model:  # 3b. the learned reward model, combined with the verifier (reward.source)
+            with timer("reward_model"):
+                self._model_rewards(batch, prompts)
         return batch
+
+    def _model_rewards(self, batch, prompts: list) -> None:
+        """The reward model's score of each (prompt text, response text) into ``batch.model_scores``, and each
+        response's reward made of it and the verifier's by ``reward.source`` (``hicra_rl.rewards.combine``)."""
+        import dataclasses
+
+        from hicra_rl.rewards.combine import combine_rewards
+
+        rw = self.cfg.reward
+        batch.model_scores = self.fleet.score_model(
+            [(prompts[g].text, text) for g, text in zip(batch.group_ids, batch.response_texts)])
+        combined = combine_rewards(rw.source, batch.rewards, [bool(s.correct) for s in batch.scores],
+                                   batch.model_scores, rw.model_weight, batch.group_ids)
+        batch.scores = [dataclasses.replace(s, reward=r) for s, r in zip(batch.scores, combined.rewards)]
 
     def _filter_groups(self, step: int, batch, prompts: list, idx: list[int], timer: Timer):
         """DAPO dynamic sampling.  A group is informative when its responses differ in correctness
@@ -393,6 +434,7 @@ class Trainer:
         cfg, timer = self.cfg, Timer()
         a, r = cfg.algorithm, cfg.rollout
         batch, prompts = produced.batch, produced.prompts
+        trained_version = self.weights_version  # the policy this step's update starts from
         timer.times.update(produced.times)
 
         # 4. planning tokens and HICRA advantages (mask and SG occurrences from the same token ids)
@@ -445,8 +487,17 @@ class Trainer:
         # every token generated (under dynamic sampling: all rounds, dropped groups too) over the generation time
         generated = produced.stats.get("dynamic_sampling/generated_tokens", float(sum(batch.lengths)))
         extra["perf/generate_tokens_per_s"] = generated / max(timer.times["timing/generate_s"], 1e-9)
-        extra["rollout/policy_lag"] = float(self.weights_version - 1 - produced.version)
+        extra.update(policy_lag_stats(batch.policy_versions or [produced.version] * len(batch), trained_version))
+        if extra["rollout/mixed_policy_versions"]:
+            log.warning("step %d: the batch mixes policy versions %s (a rollout worker restarted mid-generation got "
+                        "other weights than the rest); rollout/policy_lag %.2f is the mean over its responses",
+                        step + 1, sorted(set(batch.policy_versions)), extra["rollout/policy_lag"])
         extra.update(getattr(self.fleet, "faults", {}))
+        if batch.model_scores:  # reward/model_*: the learned reward model's scores and agreement with the verifier
+            from hicra_rl.rewards.combine import model_reward_metrics
+
+            extra.update(model_reward_metrics(batch.model_scores, [bool(s.correct) for s in batch.scores],
+                                              batch.group_ids, cfg.reward.source))
         extra["faults/nonfinite_updates"] = float(self.nonfinite_updates)
         extra["data/prompt_ids"] = [p.id for p in prompts]  # what this step trained on (resume leaves no gap)
         if self.alpha_gate is not None:
@@ -521,6 +572,9 @@ class Trainer:
                 "step": step, "group": batch.group_ids[i], "prompt_ids": list(batch.prompt_ids[i]),
                 "response_ids": list(ids), "text": batch.tagged_texts[i],
                 "reward": batch.scores[i].reward, "advantage": float(adv.sequence[i]),
+                # the learned reward model's raw score (reward.model set; null where not finite)
+                "model_score": batch.model_scores[i] if batch.model_scores and math.isfinite(batch.model_scores[i])
+                else None,
                 "planning_mask": [bool(x) for x in batch.planning_masks[i]],
                 "token_advantages": adv.token[i, :n].tolist(), "sg_occurrences": batch.sg_occurrences[i]}))
         folder = self.run_dir / "rollouts"
@@ -550,11 +604,18 @@ class Trainer:
 
         cfg = self.cfg
         history = []
+        before_after = bool(self.eval_prompts) and cfg.trainer.eval_before_after
+        if before_after and self.start_step == 0:
+            m = self.run_eval(-1)  # eval-step0.json: the starting policy on the held-out set
+            print(f"held-out before training: Pass@1 {fmt_float(m['eval/pass@1'], '.3f')} "
+                  f"({fmt_float(m['timing/eval_s'], '.0f')} s)", flush=True)
         bar = tqdm(total=cfg.trainer.total_steps, initial=self.start_step, desc=f"{cfg.algorithm.name} steps",
                    unit="step", dynamic_ncols=True)
         for step in range(self.start_step, cfg.trainer.total_steps):
             metrics = self.train_step(step)
             done = step + 1
+            if before_after and done == cfg.trainer.total_steps and "eval/pass@1" not in metrics:
+                metrics.update(self.run_eval(step))  # the final evaluation (eval_every did not fall here)
             if checkpoint_due(done, cfg.trainer.total_steps, cfg.trainer.save_every):
                 t0 = time.perf_counter()
                 path = self.save(done)
@@ -565,6 +626,10 @@ class Trainer:
                 bar.write(console_line(done, metrics))
             bar.update(1)
         bar.close()
+        if before_after:
+            line = before_after_line(self.run_dir, cfg.trainer.total_steps)
+            if line:
+                print(line, flush=True)
         return history
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -580,6 +645,24 @@ def checkpoint_due(done: int, total_steps: int, save_every: int) -> bool:
     """A checkpoint after step ``done``: every ``save_every`` steps and always after the last step
     (``save_every`` 0: only after the last one, so a finished run is never lost)."""
     return done == total_steps or (save_every > 0 and done % save_every == 0)
+
+
+def before_after_line(run_dir: Path, total_steps: int) -> str | None:
+    """``held-out Pass@1 0.498 -> 0.500 (+0.002; Pass@4 0.656 -> 0.648), k=4 on 64 eval-role problems`` from
+    the run's eval-step0.json and eval-step<total_steps>.json; None when either is missing."""
+    first, last = Path(run_dir) / "eval-step0.json", Path(run_dir) / f"eval-step{total_steps}.json"
+    if not (first.is_file() and last.is_file()):
+        return None
+    a, b = (json.loads(f.read_text()) for f in (first, last))
+    ma, mb = a["metrics"], b["metrics"]
+    import re
+
+    k = max((int(m.group(1)) for m in map(re.compile(r"eval/pass@(\d+)$").match, mb) if m), default=1)
+    line = (f"held-out Pass@1 {fmt_float(ma['eval/pass@1'], '.3f')} -> {fmt_float(mb['eval/pass@1'], '.3f')} "
+            f"({fmt_float(mb['eval/pass@1'] - ma['eval/pass@1'], '+.3f')}")
+    if k > 1 and f"eval/pass@{k}" in mb:
+        line += f"; Pass@{k} {fmt_float(ma[f'eval/pass@{k}'], '.3f')} -> {fmt_float(mb[f'eval/pass@{k}'], '.3f')}"
+    return line + f"), k={k} on {int(mb['eval/n_problems'])} eval-role problems, before step 1 and after step {total_steps}"
 
 
 def console_line(step: int, m: dict[str, float]) -> str:

@@ -42,24 +42,38 @@ class Fleet:
     health check every ``health_every_s``) is restarted through ``restart_rollout(i)`` and its share of the
     prompts generated again with the same seeds; a verifier that dies or stops answering is restarted
     through ``restart_verifier(i)`` and its items scored again.  ``faults`` counts the restarts.  Without
-    the restart hooks (or after ``max_restarts`` in one call) the error names the component."""
+    the restart hooks (or after ``max_restarts`` in one call) the error names the component.
+
+    Policy versions: ``weight_versions[i]`` is the version (``LearnerGroup.version``) of the weights rollout
+    worker ``i`` holds; a fleet-wide ``LearnerGroup.sync_weights`` sets them all, and a restarted worker's
+    entry is what ``after_rollout_restart(actor)`` (the trainer: ``LearnerGroup.restore_weights``) returns
+    before its share is generated again.  ``generate`` stamps each response with its worker's version
+    (``RolloutBatch.policy_versions``), so a batch that mixes versions says so."""
 
     def __init__(self, rollouts: list, verifiers: list, timeout_s: float, top_p: float = 1.0,
                  stop: list[str] | None = None, *, health_every_s: float = 10.0, max_restarts: int = 2,
-                 restart_rollout=None, restart_verifier=None):
+                 restart_rollout=None, restart_verifier=None, reward_models: list | None = None,
+                 restart_reward_model=None):
         self.rollouts, self.verifiers = rollouts, verifiers
         self.timeout_s, self.top_p, self.stop = timeout_s, top_p, list(stop or []) or None
         self.health_every_s, self.max_restarts = health_every_s, max_restarts
         self.restart_rollout, self.restart_verifier = restart_rollout, restart_verifier
+        # learned reward models (reward.model): restarted like the verifiers when they die or overrun
+        # reward.model_timeout_s (their health check says so)
+        self.reward_models, self.restart_reward_model = list(reward_models or []), restart_reward_model
         self.faults = {"faults/rollout_restarts": 0, "faults/verifier_restarts": 0}
         self.where = lambda kind, j: ""  # FleetSession: "host h, node n" of an actor, for messages
+        self.weight_versions = [0] * len(rollouts)  # policy version of the weights each rollout worker holds
+        self.after_rollout_restart = None  # (actor) -> the policy version it was given (None: unknown)
 
     def name(self, kind: str, j: int) -> str:
         where = self.where(kind, j)
         return f"{kind} worker {j}" + (f" ({where})" if where else "")
 
-    def _resilient(self, actors: list, jobs: list[int], call, what: str, kind: str, restart) -> list:
-        """``call(actor, job)`` for each job on ``actors[job]``, restarting a dead actor and retrying its job."""
+    def _resilient(self, actors: list, jobs: list[int], call, what: str, kind: str, restart,
+                   after_restart=None) -> list:
+        """``call(actor, job)`` for each job on ``actors[job]``, restarting a dead actor (then
+        ``after_restart(job, actor)``) and retrying its job."""
         from hicra_rl.cluster import probe_health, wait_each
 
         def health(pending: list[int]) -> list[tuple[int, str]]:
@@ -70,6 +84,8 @@ class Fleet:
             log.warning("%s: %s %d %s; restarting it and retrying its share", what, kind, j, reason)
             actors[j] = restart(j)
             self.faults[f"faults/{kind}_restarts"] += 1
+            if after_restart is not None:
+                after_restart(j, actors[j])
             return call(actors[j], j)
 
         return wait_each([call(actors[j], j) for j in jobs], self.timeout_s, what,
@@ -79,8 +95,9 @@ class Fleet:
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seed: int) -> RolloutBatch:
         """``n`` samples per prompt, the prompts split over the rollout workers; prompt-major, with
-        ``group_ids`` = the prompt's index in ``prompt_ids``.  Worker ``j`` samples with seed ``seed + j``
-        (also when it is restarted mid-call: the retry samples the same responses)."""
+        ``group_ids`` = the prompt's index in ``prompt_ids`` and ``policy_versions`` = the weights version of
+        the worker that sampled it.  Worker ``j`` samples with seed ``seed + j`` (also when it is restarted
+        mid-call: the retry samples the same responses, from the weights ``after_rollout_restart`` gave it)."""
         chunks = split_evenly(list(range(len(prompt_ids))), len(self.rollouts))
 
         def call(worker, j):
@@ -88,8 +105,17 @@ class Fleet:
                                           max_tokens, seed + j, self.stop)
 
         parts = self._resilient(self.rollouts, list(range(len(chunks))), call, "rollout workers (generate)",
-                                "rollout", self.restart_rollout)
-        return RolloutBatch.concat(parts, [chunk[0] for chunk in chunks])
+                                "rollout", self.restart_rollout, self._restore_weights)
+        batch = RolloutBatch.concat(parts, [chunk[0] for chunk in chunks])
+        batch.policy_versions = [self.weight_versions[j] for j, part in enumerate(parts) for _ in range(len(part))]
+        return batch
+
+    def _restore_weights(self, j: int, actor) -> None:
+        """A restarted rollout worker gets its policy weights (``after_rollout_restart``) before it generates."""
+        if self.after_rollout_restart is not None:
+            version = self.after_rollout_restart(actor)
+            if version is not None:
+                self.weight_versions[j] = int(version)
 
     def score(self, batch: RolloutBatch) -> list:
         """One ``VerifyResult`` per response (``batch`` needs ``golds`` and ``tasks``)."""
@@ -107,6 +133,21 @@ class Fleet:
                                 "verifier", self.restart_verifier)
         return [r for part in parts for r in part]
 
+    def score_model(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """The reward models' raw score of each (prompt text, response text), in order, the pairs split over
+        the reward-model actors (NaN / inf passed on as they are: ``hicra_rl.rewards.combine`` counts them)."""
+        if not self.reward_models:
+            raise RuntimeError("this fleet has no reward model (reward.model is not set)")
+        self.faults.setdefault("faults/reward_model_restarts", 0)
+        chunks = split_evenly(list(range(len(pairs))), len(self.reward_models))
+
+        def call(model, j):
+            return model.score.remote([pairs[i] for i in chunks[j]])
+
+        parts = self._resilient(self.reward_models, list(range(len(chunks))), call, "reward models (score)",
+                                "reward_model", self.restart_reward_model)
+        return [float(x) for part in parts for x in part]
+
 
 def _one_at_a_time(method):
     """Run a ``LearnerGroup`` call under its lock (see ``LearnerGroup.__init__``)."""
@@ -121,9 +162,27 @@ def _one_at_a_time(method):
 
 
 class LearnerGroup:
-    """The DeepSpeed learner ranks: every call splits the batch's rows evenly over the ranks."""
+    """The DeepSpeed learner ranks: every call splits the batch's rows evenly over the ranks.
 
-    def __init__(self, learners: list, timeout_s: float, device: str = "cpu"):
+    Policy versions: ``version`` counts the updates applied in this process (0: the weights loaded at the
+    start; one update per training step, so after each step's sync it equals ``Trainer.weights_version``).
+    It is incremented under ``lock`` as ``update`` returns, so a sync (also under the lock) always reports
+    the version of the weights it published.
+
+    A rollout worker restarted while the learner trains (``rollout.staleness=1``: the next step's generation
+    runs during ``update``) must sample with the weights the rest of the fleet holds, not with the newer
+    weights of the update it would wait for (the batch would mix two policies).  With ``keep_fleet_weights``
+    a fleet-wide ``sync_weights`` keeps what it published until the next fleet-wide sync, and
+    ``restore_weights`` hands exactly those to the restarted worker, without waiting for the update.  The
+    cost is bounded: one copy of the policy weights in the sync dtype (transport ``shm_file``: a file in
+    /dev/shm, i.e. host RAM on the learner's node) held between syncs instead of only during one; never two,
+    since the kept copy is deleted before the next fleet-wide sync publishes (no generation runs then).
+    Without it (the synchronous loop, where vLLM generates only while the learner holds the fleet's
+    weights; transport ``broadcast``, which has no file to keep and refuses restarts) ``restore_weights``
+    publishes the current weights and returns their version: ``Fleet.generate`` stamps the restarted
+    worker's rows with it, so a mixed batch is at least recorded truthfully."""
+
+    def __init__(self, learners: list, timeout_s: float, device: str = "cpu", keep_fleet_weights: bool = False):
         import threading
 
         self.learners, self.timeout_s, self.device = learners, timeout_s, device
@@ -131,6 +190,10 @@ class LearnerGroup:
         # thread) must not interleave its per-rank submissions with the update's (ranks would run
         # their collectives in different orders)
         self.lock = threading.RLock()
+        self.version = 0  # updates applied (under ``lock``)
+        self.keep_fleet_weights = keep_fleet_weights
+        self._kept = None  # (version, WeightHandle) the last fleet-wide sync published, while kept
+        self._kept_lock = threading.Lock()  # a restarted worker loading the kept weights vs their deletion
 
     def _get(self, refs, what: str):
         """Bounded wait; a rank that dies fails the call at once, naming the rank (not after the
@@ -175,6 +238,7 @@ class LearnerGroup:
             b.update({k: v[s] for k, v in optional.items() if v is not None})
             batches.append(b)
         parts = self._get([w.update.remote(b) for w, b in zip(self.learners, batches)], "learner ranks (update)")
+        self.version += 1  # still under the lock: no sync sees the new weights under the old version
         if parts[0][1] is None:
             return parts[0][0], None, None
         return parts[0][0], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
@@ -194,10 +258,55 @@ class LearnerGroup:
 
     @_one_at_a_time
     def sync_weights(self, fleet: Fleet, workers: list | None = None) -> dict[str, float]:
-        """Learner -> every vLLM engine of ``fleet`` (or only ``workers``); returns the ``sync/*`` metrics."""
+        """Learner -> every vLLM engine of ``fleet`` (then ``fleet.weight_versions`` are all ``version``), or
+        only ``workers``; returns the ``sync/*`` metrics.  A fleet-wide sync with ``keep_fleet_weights``
+        keeps what it published for ``restore_weights`` until the next fleet-wide sync."""
         t0 = time.perf_counter()
+        everyone = workers is None
+        if everyone:  # no generation runs during a fleet-wide sync: the previous fleet weights are done with
+            self._drop_kept()
         handle = self._get([w.publish_weights.remote() for w in self.learners], "learner ranks (gather weights)")[0]
-        targets = fleet.rollouts if workers is None else workers
+        targets = fleet.rollouts if everyone else workers
+        try:
+            stats = self._send(fleet, handle, targets)
+        except BaseException:
+            self._release(handle)
+            raise
+        if everyone and self.keep_fleet_weights and handle.transport == "shm_file":
+            with self._kept_lock:
+                self._kept = (self.version, handle)
+        else:
+            self._release(handle)
+        if everyone:
+            fleet.weight_versions = [self.version] * len(targets)
+        return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,
+                "sync/load_s": max(s["load_seconds"] for s in stats), "sync/total_s": time.perf_counter() - t0}
+
+    def restore_weights(self, fleet: Fleet, worker) -> int:
+        """A restarted rollout worker gets the weights the rest of the fleet holds: the kept ones
+        (``keep_fleet_weights``), at once, also while an update runs; else the learner's current weights
+        (under the lock: after a running update).  Returns the version it now holds."""
+        with self._kept_lock:
+            if self._kept is not None:
+                version, handle = self._kept
+                self._send(fleet, handle, [worker])
+                return version
+        with self.lock:
+            version = self.version
+            self.sync_weights(fleet, [worker])
+            return version
+
+    def _release(self, handle) -> None:
+        self._get(self.learners[0].release_weights.remote(handle), "learner rank 0 (release weights)")
+
+    def _drop_kept(self) -> None:
+        with self._kept_lock:
+            kept, self._kept = self._kept, None
+        if kept is not None:
+            self._release(kept[1])
+
+    def _send(self, fleet: Fleet, handle, targets: list) -> list[dict]:
+        """``handle``'s weights into the vLLM engines ``targets``; their load statistics."""
         from hicra_rl.cluster import ComponentDied, probe_health, wait_each
 
         try:
@@ -220,10 +329,7 @@ class LearnerGroup:
             i, reason = dead[0]
             raise ComponentDied(f"weight sync: {fleet.name('rollout', i)} {reason} "
                                 f"({type(err).__name__} on the learner side)", i) from None
-        finally:
-            self._get(self.learners[0].release_weights.remote(handle), "learner rank 0 (release weights)")
-        return {"sync/megabytes": stats[0]["megabytes"], "sync/write_s": handle.write_seconds,
-                "sync/load_s": max(s["load_seconds"] for s in stats), "sync/total_s": time.perf_counter() - t0}
+        return stats
 
     @_one_at_a_time
     def save(self, ckpt_root: str, step: int, extra: dict, keep_last: int) -> str:
@@ -253,6 +359,9 @@ def fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg) -> dict[str, dict[str, f
     gpus = cluster_cfg.gpus_per_rollout_worker * rollout_cfg.tensor_parallel_size
     bundles = {f"rollout{i}": {"CPU": cluster_cfg.cpus_per_actor, "GPU": gpus} for i in range(rollout_cfg.num_workers)}
     bundles.update({f"verifier{i}": {"CPU": 0.25} for i in range(reward_cfg.num_workers)})
+    if getattr(reward_cfg, "model", None):  # learned reward models: a GPU fraction each on a cluster
+        bundles.update({f"reward_model{i}": {"CPU": 0.25, "GPU": cluster_cfg.gpus_per_reward_model}
+                        for i in range(reward_cfg.model_num_workers)})
     return bundles
 
 
@@ -271,8 +380,9 @@ class FleetSession:
     and ready (``session.fleet``).  ``session.start(name, cls, ...)`` starts another actor in its bundle;
     every actor started here is closed (``close()``) and killed at exit, then the reservation released.
 
-    A rollout worker or verifier that dies is restarted in its own bundle (``restart``); after a rollout
-    worker restart ``after_rollout_restart(actor)`` runs (the trainer re-syncs the policy weights)."""
+    A rollout worker or verifier that dies is restarted in its own bundle (``restart``); a restarted
+    rollout worker then gets its policy weights from the fleet's ``Fleet.after_rollout_restart`` (the
+    trainer's ``LearnerGroup.restore_weights``) before it generates again."""
 
     def __init__(self, *, model_path: str, model_cfg, rollout_cfg, reward_cfg, cluster_cfg, seed: int,
                  extra_bundles: dict[str, dict[str, float]] | None = None):
@@ -286,7 +396,6 @@ class FleetSession:
         self.started_ray = False
         self.fleet: Fleet | None = None
         self.startup_seconds: list[float] = []
-        self.after_rollout_restart = None
 
     def __enter__(self) -> FleetSession:
         try:
@@ -322,10 +431,22 @@ class FleetSession:
         verifiers = [self.start(f"verifier{i}", VerifierWorker, self.reward_cfg.timeout_s,
                                 self.reward_cfg.answer_mode, shaping, _max_concurrency=2)
                      for i in range(self.reward_cfg.num_workers)]
+        reward_models = []
+        if getattr(self.reward_cfg, "model", None):
+            from hicra_rl.actors import RewardModelWorker
+
+            rw = self.reward_cfg
+            reward_models = [self.start(f"reward_model{i}", RewardModelWorker, os.path.expanduser(rw.model),
+                                        dtype=m.dtype, batch_size=rw.model_batch_size, max_tokens=rw.model_max_tokens,
+                                        time_limit_s=rw.model_timeout_s,
+                                        torch_threads=cl.torch_threads or os.cpu_count(),
+                                        _max_concurrency=2)
+                             for i in range(rw.model_num_workers)]
         self.fleet = Fleet(rollouts, verifiers, cl.step_timeout_s, r.top_p, list(r.stop),
                            health_every_s=cl.health_check_s, max_restarts=cl.max_restarts_per_call,
                            restart_rollout=self.restart_rollout,
-                           restart_verifier=lambda i: self.restart(f"verifier{i}"))
+                           restart_verifier=lambda i: self.restart(f"verifier{i}"), reward_models=reward_models,
+                           restart_reward_model=lambda i: self.restart(f"reward_model{i}"))
         self.fleet.where = lambda kind, j: self.where(f"{kind}{j}") if kind == "rollout" else ""
 
     def wait_ready(self) -> None:
@@ -337,6 +458,9 @@ class FleetSession:
         for i, w in enumerate(self.fleet.rollouts):
             self.identities[f"rollout{i}"] = _bounded_get(w.identity.remote(), timeout, f"rollout worker {i}")
         _bounded_get([v.stats.remote() for v in self.fleet.verifiers], timeout, "verifier pool start-up")
+        if self.fleet.reward_models:
+            _bounded_get([w.ready.remote() for w in self.fleet.reward_models], timeout, "reward models (loading)",
+                         [f"reward model {i}" for i in range(len(self.fleet.reward_models))])
         log.info("vLLM engines started in %s s", [round(s, 1) for s in self.startup_seconds])
 
     def options(self, name: str) -> dict:
@@ -382,7 +506,8 @@ class FleetSession:
         return f"host {ident.get('host', '?')}, node {str(ident.get('node_id', '?'))[:12]}"
 
     def restart_rollout(self, i: int):
-        """Restart rollout worker ``i`` (a new vLLM engine) and give it the current policy weights."""
+        """Restart rollout worker ``i`` (a new vLLM engine, the model's initial weights: ``Fleet`` then gives it
+        the fleet's policy weights through ``Fleet.after_rollout_restart``)."""
         from hicra_rl.cluster import ComponentDied
 
         name = f"rollout{i}"
@@ -395,10 +520,7 @@ class FleetSession:
         t0 = time.perf_counter()
         actor = self.restart(name)
         self.identities[name] = _bounded_get(actor.identity.remote(), self.cluster_cfg.actor_start_timeout_s, name)
-        if self.after_rollout_restart is not None:
-            self.after_rollout_restart(actor)
-        log.warning("rollout worker %d (%s) restarted with the current weights in %.0f s", i, where,
-                    time.perf_counter() - t0)
+        log.warning("rollout worker %d (%s) restarted in %.0f s", i, where, time.perf_counter() - t0)
         return actor
 
     def _clean_up_after(self, name: str) -> None:

@@ -5,7 +5,9 @@ A driver killed with SIGKILL cannot clean up: the Ray it started keeps some of i
 (measured by tests/test_chaos.py).  While a run holds its own local Ray, ``record`` writes the processes of
 that session (pid + start time, so a recycled pid is never touched) to ``<run_dir>/.processes.json``; a
 clean exit deletes it.  The next start in that run directory calls ``reap``: every recorded process still
-alive is killed, and vLLM's /dev/shm files that nothing maps any more are removed.
+alive is killed, and vLLM's /dev/shm files that nothing maps any more are removed, as are the policy weight
+files the killed learner processes had published (``hicra_weights_<pid>_*``; with ``rollout.staleness=1`` one
+stays published between weight syncs).
 """
 from __future__ import annotations
 
@@ -39,6 +41,23 @@ def record(run_dir: str | os.PathLike) -> int:
 
 def forget(run_dir: str | os.PathLike) -> None:
     (Path(run_dir) / FILE).unlink(missing_ok=True)
+
+
+def remove_weight_files(pids: set[int]) -> list[str]:
+    """Delete the weight files (``publish_state_dict``: ``hicra_weights_<pid>_<uuid>.safetensors`` and its
+    ``.tmp``) written by the processes ``pids``; returns the deleted paths."""
+    from hicra_rl.rollout.weight_sync import SHM_FILE_PREFIX, default_shm_dir
+
+    directory, removed = default_shm_dir(), []
+    for name in os.listdir(directory):
+        pid = name[len(SHM_FILE_PREFIX):].split("_")[0] if name.startswith(SHM_FILE_PREFIX) else ""
+        if pid.isdigit() and int(pid) in pids:
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def reap(run_dir: str | os.PathLike) -> list[str]:
@@ -76,7 +95,7 @@ def reap(run_dir: str | os.PathLike) -> list[str]:
 
         psutil.wait_procs([psutil.Process(int(k.split()[0])) for k in killed if psutil.pid_exists(int(k.split()[0]))],
                           timeout=5)
-        removed = remove_orphaned_shm(min_age_s=0)
+        removed = remove_orphaned_shm(min_age_s=0) + remove_weight_files({int(k.split()[0]) for k in killed})
         log.warning("stopped %d processes left by an earlier, killed run in %s (%s); removed %d /dev/shm files",
                     len(killed), run_dir, ", ".join(killed), len(removed))
     path.unlink(missing_ok=True)

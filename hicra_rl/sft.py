@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hicra_rl.config import MODEL_DTYPES, DataConfig, ModelConfig, _check
+from hicra_rl.config import MODEL_DTYPES, DataConfig, LearnerLoraConfig, ModelConfig, _check, check_lora_config
 from hicra_rl.errors import BadInputError, InputExistsError
 from hicra_rl.iofiles import write_text_atomic
 
@@ -136,6 +136,9 @@ class SFTConfig:
     bucket_factor: int = 2             # sort by length within windows of bucket_factor * batch_size
     overwrite: bool = False
     corpus_out: Optional[str] = None   # write the worked solutions as JSONL ({"id", "answer"}) and stop
+    # LoRA adapters instead of full fine-tuning (lora.rank > 0; the learner's learner.lora, docs/lora.md): out_dir
+    # gets the merged model, and the adapters alone in out_dir/adapter
+    lora: LearnerLoraConfig = field(default_factory=LearnerLoraConfig)
 
 
 def validate_sft(cfg: SFTConfig) -> None:
@@ -153,6 +156,7 @@ def validate_sft(cfg: SFTConfig) -> None:
            and all(x in ARITHMETIC_STRATEGIES for x in cfg.strategies), "strategies",
            f"must be distinct names from {list(ARITHMETIC_STRATEGIES)}, got {list(cfg.strategies)}")
     _check(cfg.model.dtype in MODEL_DTYPES, "model.dtype", f"{cfg.model.dtype!r} is not one of {MODEL_DTYPES}")
+    check_lora_config(cfg.lora, "lora")
 
 
 def solution_for(row: dict, solutions: str, rng: random.Random,
@@ -246,7 +250,22 @@ def learner_config(cfg: SFTConfig):
     from hicra_rl.config import LearnerConfig
 
     return LearnerConfig(zero_stage=cfg.zero_stage, lr=cfg.lr, warmup_steps=cfg.warmup_steps, scheduler="cosine",
-                         min_lr_ratio=0.1, max_grad_norm=cfg.max_grad_norm, micro_batch_size=cfg.micro_batch_size)
+                         min_lr_ratio=0.1, max_grad_norm=cfg.max_grad_norm, micro_batch_size=cfg.micro_batch_size,
+                         lora=cfg.lora)
+
+
+def rendezvous_port(world_size: int) -> int:
+    """The process group's port: ``MASTER_PORT`` when a launcher (torchrun) set it; a free port for a single
+    process, so two ``hicra-sft`` runs on one machine (or one beside ``make run``'s) do not collide."""
+    if "MASTER_PORT" in os.environ:
+        return int(os.environ["MASTER_PORT"])
+    if world_size > 1:
+        raise BadInputError(f"WORLD_SIZE is {world_size} but MASTER_PORT is not set: launch the ranks with torchrun")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_sft(cfg: SFTConfig) -> str:
@@ -269,7 +288,7 @@ def run_sft(cfg: SFTConfig) -> str:
         return cfg.corpus_out
     from tqdm.auto import tqdm
 
-    from hicra_rl.learner.checkpoint import save_hf_model
+    from hicra_rl.learner.checkpoint import save_adapter, save_hf_model
     from hicra_rl.learner.engine import PolicyLearner
     from hicra_rl.learner.sequences import build_sequences
 
@@ -282,7 +301,7 @@ def run_sft(cfg: SFTConfig) -> str:
     learner = PolicyLearner(learner_config(cfg), model_path=model_path, dtype=cfg.model.dtype, seed=cfg.seed,
                             total_steps=cfg.max_steps, rank=rank, world_size=world,
                             master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                            master_port=int(os.environ.get("MASTER_PORT", 29511)))
+                            master_port=rendezvous_port(world))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, desc="sft", unit="step", disable=rank != 0)
     history = []
@@ -304,6 +323,8 @@ def run_sft(cfg: SFTConfig) -> str:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     save_hf_model(learner, tmp)
+    if learner.lora:
+        save_adapter(learner, tmp / "adapter")
     if rank == 0:
         (tmp / "sft_history.json").write_text(json.dumps(
             {"steps": len(history), "minutes": (time.perf_counter() - t0) / 60, "history": history}, indent=1))

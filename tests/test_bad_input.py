@@ -56,6 +56,8 @@ def test_config_unknown_key_names_it(hydra_conf):
     (["algorithm=grpo", "algorithm.hicra_alpha=0.2"],
      "config error at 'algorithm.hicra_alpha': algorithm 'grpo' must have hicra_alpha 0 (got 0.2)"),
     (["trainer.eval_every=2"], "config error at 'trainer.eval_every': is 2 but no eval_data is configured"),
+    (["trainer.eval_before_after=true"],
+     "config error at 'trainer.eval_before_after': is true but no eval_data is configured"),
     (["rollout.max_new_tokens=4000"],   # 256 + 4000 > 2048
      "config error at 'model.max_model_len': 2048 is shorter than data.max_prompt_tokens (256) + "
      "rollout.max_new_tokens (4000)"),

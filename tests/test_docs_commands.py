@@ -1,4 +1,4 @@
-"""Docs that tell the truth (issue 22, item 5): every ``hicra-train`` / ``hicra-sft`` / ``hicra-eval`` command
+"""Docs that tell the truth (issue 22, item 5): every ``hicra-train`` / ``hicra-sft`` / ``hicra-eval`` / ``hicra-rm`` command
 line (also ``python -m hicra_rl.train``, ``make run ARGS=...``, ``launch/submit.sh ...`` and compose's
 ``HICRA_OVERRIDES="..."``) and every Hydra override shown in README.md, docs/*.md, launch/README.md,
 benchmarks/README.md and the comments of conf/**/*.yaml is resolved here, in process, as the entry point would:
@@ -40,6 +40,7 @@ from hicra_rl.config import (
 )
 from hicra_rl.config import validate as validate_train
 from hicra_rl.evaluation import EvalConfig, validate_eval
+from hicra_rl.rm import RMPairsConfig, RMTrainConfig, validate_rm, validate_rm_pairs
 from hicra_rl.sft import SFTConfig, validate_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +51,10 @@ YAML_FILES = sorted(CONF.rglob("*.yaml"))
 
 # Hydra config name (conf/<name>.yaml) -> (typed schema, validator), as hicra-train / -eval / -sft run them
 ENTRIES = {"config": (TrainConfig, validate_train), "eval": (EvalConfig, validate_eval),
-           "sft": (SFTConfig, validate_sft)}
-PROGRAMS = {"hicra-train": "config", "hicra-sft": "sft", "hicra-eval": "eval"}
+           "sft": (SFTConfig, validate_sft), "rm": (RMTrainConfig, validate_rm),
+           "rm_pairs": (RMPairsConfig, validate_rm_pairs)}
+PROGRAMS = {"hicra-train": "config", "hicra-sft": "sft", "hicra-eval": "eval", "hicra-rm train": "rm",
+            "hicra-rm pairs": "rm_pairs"}
 # the shell variables the docs use, with the values a user following them would have
 SHELL_VARS = {"HOME": os.environ.get("HOME", "/home/user"), "HICRA_DATA_ROOT": "/shared/data"}
 # `make run`'s own command (Makefile): hicra-train trainer.init_checkpoint=$(COLD_START) $(ARGS)
@@ -85,8 +88,10 @@ SHOWN_AS_REFUSED = {
 REFUSAL_WORDS = re.compile(r"refuse|cannot|does not|doesn't|not work", re.I)  # ... on the span's line
 # keys whose validator requires an existing path: a doc's example path (the user's own, made by an earlier
 # command of the doc) is replaced by a temporary one of the right kind
-USER_PATHS = {"trainer.resume": "dir", "strategic.lexicon": "file"}
-KEYWORD_VALUES = {"trainer.resume": ("auto", "never"), "strategic.lexicon": ("auto", *SHIPPED_LEXICONS)}
+USER_PATHS = {"trainer.resume": "dir", "strategic.lexicon": "file", "reward.model": "dir", "train_pairs": "file",
+              "eval_pairs": "file"}
+KEYWORD_VALUES = {"trainer.resume": ("auto", "never"), "strategic.lexicon": ("auto", *SHIPPED_LEXICONS),
+                  "reward.model": (), "train_pairs": (), "eval_pairs": ()}
 
 _KEY = r"[a-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*(?:@[A-Za-z0-9_.]+)?"
 OVERRIDE = re.compile(rf"^(?:~{_KEY}(?:=.*)?|(?:\+\+|\+)?{_KEY}=.*)$", re.S)
@@ -196,7 +201,8 @@ def _line_of(offsets: list[int], pos: int) -> int:
     return lo + 1
 
 
-PROGRAM_RE = re.compile(r"(?:(?<=^)|(?<=[\s(`/]))(hicra-train|hicra-sft|hicra-eval|python -m hicra_rl\.train|"
+PROGRAM_RE = re.compile(r"(?:(?<=^)|(?<=[\s(`/]))(hicra-train|hicra-sft|hicra-eval|hicra-rm train|hicra-rm pairs|"
+                        r"python -m hicra_rl\.train|"
                         r"make run|launch/submit\.sh|HICRA_OVERRIDES=)(?=[\s`\"]|$)", re.M)
 
 
@@ -488,7 +494,9 @@ def check(cmd: DocCommand, tmp: Path) -> list[str]:
         return [_one_line(err)]
     errors = []
     for job in jobs:
-        entries = [cmd.entry] if cmd.entry else list(ENTRIES)
+        # a bare override resolves under any entry point; one shown as refused is hicra-train's (hicra-rm pairs
+        # takes `~eval_data`: its eval_data group has the schema's defaults beneath)
+        entries = [cmd.entry] if cmd.entry else ["config"] if cmd.text in SHOWN_AS_REFUSED else list(ENTRIES)
         tried = []
         for entry in entries:
             try:

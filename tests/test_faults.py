@@ -250,3 +250,177 @@ def test_learner_env_of_the_cpu_default_reaches_the_learner_only_and_keeps_freed
         assert bounded_get(restarted.faults_of_a_reused_block.remote(), 60, "probe")[1] == learner_env
     finally:
         session.close(timeout_s=10)
+
+
+# ------------------------------------------------- one-step off-policy: a rollout worker killed mid-update
+class ToyPolicyRollout:
+    """A rollout worker whose responses show which weights sampled them: sample 0 of a prompt is GOOD, 1 is
+    BAD (``test_trainer_step``'s toy vocabulary), and every sampling log-prob is -(1 + v), v the version of the
+    weights it loaded last (the toy learner writes the version into its weights file).  Flag ``die``: the first
+    worker to start a call once an update runs (flag ``updating``) takes it and dies."""
+
+    def __init__(self, flags: str):
+        self.flags, self.held = flags, 0
+
+    def receive_weights(self, handle) -> dict:
+        with open(handle.path) as f:
+            self.held = int(f.read())
+        return {"megabytes": 0.0, "load_seconds": 0.0}
+
+    def generate(self, prompt_ids, n, temperature, top_p, max_tokens, seed, stop=None):
+        from test_trainer_step import BAD, GOOD, VOCAB
+
+        if os.path.exists(os.path.join(self.flags, "die")):
+            deadline = time.monotonic() + 60
+            while not os.path.exists(os.path.join(self.flags, "updating")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            try:
+                os.remove(os.path.join(self.flags, "die"))
+            except FileNotFoundError:
+                pass  # the other worker took it
+            else:
+                os._exit(1)
+        rows = [(g, GOOD if j == 0 else BAD) for g in range(len(prompt_ids)) for j in range(n)]
+        return RolloutBatch(
+            prompt_ids=[list(prompt_ids[g]) for g, _ in rows], response_ids=[list(r) for _, r in rows],
+            sampling_logprobs=[[-1.0 - self.held] * len(r) for _, r in rows], finish_reasons=["stop"] * len(rows),
+            group_ids=[g for g, _ in rows], response_texts=[b"".join(VOCAB[i] for i in r).decode() for _, r in rows])
+
+    def health(self):
+        return None
+
+    def pid(self):
+        return os.getpid()
+
+
+class ToyAnswerVerifier:
+    """Correct when the response ends in the gold answer (``test_trainer_step.FakeFleet.score``)."""
+
+    def score(self, items, n_tokens, finished):
+        return [VerifyResult(float(ok), ok, False, 0.0, text.split()[-1], float(ok))
+                for text, gold, _ in items for ok in [text.endswith(" " + gold)]]
+
+    def health(self):
+        return None
+
+    def pid(self):
+        return os.getpid()
+
+
+class ToyLearner:
+    """Rank 0 of a one-rank ``LearnerGroup``: its "weights" are the count of updates, published as a file.
+    An update sets flag ``updating`` while it runs; with flag ``chaos`` it also waits (at most 60 s) until the
+    killed rollout worker's replacement is up (flag ``restarted``): the restart provably falls inside it."""
+
+    def __init__(self, flags: str):
+        self.flags, self.version, self.behaviour = flags, 0, []
+
+    def update(self, batch):
+        import torch
+
+        open(os.path.join(self.flags, "updating"), "w").close()
+        try:
+            deadline = time.monotonic() + 60
+            while (os.path.exists(os.path.join(self.flags, "chaos"))
+                   and not os.path.exists(os.path.join(self.flags, "restarted")) and time.monotonic() < deadline):
+                time.sleep(0.05)
+            self.behaviour.append(batch.get("behaviour_log_probs"))
+            self.version += 1
+            zeros = torch.zeros_like(batch["advantages"])
+            return {"actor/pg_loss": 0.0, "actor/grad_norm": 1.0}, zeros, zeros
+        finally:
+            os.remove(os.path.join(self.flags, "updating"))
+
+    def publish_weights(self):
+        import uuid
+
+        from hicra_rl.rollout.weight_sync import WeightHandle
+
+        path = os.path.join(self.flags, f"weights-{uuid.uuid4().hex}")
+        with open(path, "w") as f:
+            f.write(str(self.version))
+        return WeightHandle("shm_file", path, 1, 0, 0.0)
+
+    def release_weights(self, handle):
+        os.remove(handle.path)
+
+    def behaviour_log_probs(self):
+        return self.behaviour
+
+    def health(self):
+        return None
+
+    def pid(self):
+        return os.getpid()
+
+
+def _off_policy_trainer(tmp_path, keep_fleet_weights: bool):
+    """A ``Trainer`` (``rollout.staleness=1``, 2 prompts x 2 samples a step, 3 steps) around the real ``Fleet``
+    and ``LearnerGroup`` with two toy rollout workers, a toy verifier and a toy learner rank."""
+    from test_trainer_step import make_trainer
+
+    from hicra_rl.driver import Trainer
+    from hicra_rl.fleet import LearnerGroup
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    base, metrics = make_trainer(tmp_path / "run", total_steps=3, save_every=0)
+    base.cfg.rollout.staleness = 1
+    rollouts, restarts = [_actor(ToyPolicyRollout, str(flags)) for _ in range(2)], []
+
+    def started(actor):  # a new actor took over 60 s on the 2-core VM under a parallel experiment's load
+        bounded_get(actor.pid.remote(), 240, "toy actor")
+        return actor
+
+    def restart_rollout(i):
+        ray.kill(rollouts[i])
+        fresh = started(_actor(ToyPolicyRollout, str(flags)))
+        restarts.append((i, fresh))
+        (flags / "restarted").touch()
+        return fresh
+
+    # the killed worker is noticed at once (its call fails); a rare health check spares a busy VM false alarms
+    fleet = Fleet(rollouts, [started(_actor(ToyAnswerVerifier))], timeout_s=300, health_every_s=120.0,
+                  restart_rollout=restart_rollout)
+    learner = started(_actor(ToyLearner, str(flags)))
+    learners = LearnerGroup([learner], 300, keep_fleet_weights=keep_fleet_weights)
+    trainer = Trainer.from_parts(base.cfg, prompts=base.prompts, tagger=base.tagger, pad_id=0, fleet=fleet,
+                                 learners=learners, metrics=metrics)
+    bounded_get([r.pid.remote() for r in rollouts], 240, "toy rollout workers")
+    learners.sync_weights(fleet)  # as Trainer.setup: vLLM starts from the learner's weights (version 0)
+    return trainer, metrics, flags, learner, restarts
+
+
+LAG_KEYS = ("rollout/policy_lag", "rollout/policy_lag_max", "rollout/mixed_policy_versions")
+
+
+@pytest.mark.parametrize("keep_fleet_weights", [True, False], ids=["kept-weights", "current-weights"])
+def test_a_rollout_worker_killed_during_the_overlapped_generation(tmp_path, keep_fleet_weights):
+    """``rollout.staleness=1``: step 3's batch is generated while step 2's update runs (fleet at version 1, the
+    update makes version 2).  A worker killed in that generation and restarted during the update must sample
+    with version 1 like the other worker (the weights kept from the last sync); given the update's version 2
+    instead (no kept weights), the step records the mix: its 2 responses have lag 0, the other worker's 2 lag 1."""
+    trainer, metrics, flags, learner, restarts = _off_policy_trainer(tmp_path, keep_fleet_weights)
+    history = [trainer.train_step(0)]
+    (flags / "chaos").touch()
+    (flags / "die").touch()  # taken in step 3's generation, which starts in train_step(1), during its update
+    history.append(trainer.train_step(1))
+    history.append(trainer.train_step(2))
+    metrics.close()
+    assert len(restarts) == 1 and history[2]["faults/rollout_restarts"] == 1
+    i, _ = restarts[0]
+    # steps 1, 2: no fault; lag 0 (the first step), then 1 (the one-step off-policy lag), one version
+    assert [tuple(h[k] for k in LAG_KEYS) for h in history[:2]] == [(0.0, 0.0, 0.0), (1.0, 1.0, 0.0)]
+    # what sampled step 3's rows (vLLM's log-probs: -(1 + version)), worker i's two rows being rows 2i, 2i + 1
+    behaviour = bounded_get(learner.behaviour_log_probs.remote(), 30, "toy learner")[2]
+    first_tokens = behaviour[:, 0].tolist()
+    if keep_fleet_weights:
+        assert first_tokens == [-2.0] * 4  # all four rows by version 1: the restart changed nothing
+        assert tuple(history[2][k] for k in LAG_KEYS) == (1.0, 1.0, 0.0)
+        # one copy of the weights stays published between syncs (the last sync's, version 3), never two
+        assert [p.read_text() for p in flags.glob("weights-*")] == ["3"]
+    else:
+        assert first_tokens == [-3.0 if r // 2 == i else -2.0 for r in range(4)]
+        # lags (0, 0, 1, 1): mean 0.5, max 1, two versions
+        assert tuple(history[2][k] for k in LAG_KEYS) == (0.5, 1.0, 1.0)
+        assert list(flags.glob("weights-*")) == []

@@ -72,6 +72,14 @@ def test_missing_deepspeed_message(bench, monkeypatch, capsys):
     assert "pip install 'deepspeed>=0.19.8,<0.20' first" in err
 
 
+def test_missing_peft_message_with_lora(bench, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    assert bench.missing_requirements() == []
+    assert bench.main(["--cpu-smoke", "--lora"]) == 2
+    assert "pip install 'peft>=0.21.2,<0.22' first" in capsys.readouterr().err
+
+
 def test_cpu_smoke_writes_sane_json(tmp_path):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -91,3 +99,40 @@ def test_cpu_smoke_writes_sane_json(tmp_path):
     assert r["mfu"] is None and r["peak_mem_gib"] is None
     assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
     assert 0.0 < r["planning_frac"] < 0.4
+
+
+def test_lora_train_flops_by_hand(bench):
+    # frozen matmuls without weight gradients: 4 * 1000 * 10 = 40000; adapters 6 * 50 * 10 = 3000;
+    # attention as in full fine-tuning: 12 * 2 * 4 * (3^2 + 7^2) = 5568
+    assert bench.lora_train_flops(1000, 50, 10, 2, 4, [3, 7]) == 48568.0
+
+
+def test_cpu_smoke_lora_writes_sane_json(tmp_path):
+    """--lora: rank 2 on q_proj (64 -> 64) and v_proj (64 -> 32) of the tiny Llama: 2 (64 + 64) + 2 (64 + 32) = 448
+    adapter parameters a layer, 896 in 2 layers; AdamW's two fp32 moments 2 x 896 x 4 = 7168 bytes."""
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--lora", "--lora-rank", "2",
+                           "--lora-targets", "q_proj,v_proj", "--json", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "LoRA rank 2: 0.00M trainable" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["lora"] == {"rank": 2, "alpha": 32.0, "target_modules": ["q_proj", "v_proj"]}
+    assert data["flops_formula"].startswith("4*N*T + 6*N_lora*T")
+    (r,) = data["models"]
+    assert r["trainable_params"] == 896 and r["optimizer_state_bytes"] == 7168
+    assert r["flops_per_update"] == 4 * r["matmul_params"] * 320 + 6 * 896 * 320 + 12 * 2 * 64 * 8 * 40**2
+    assert math.isfinite(r["loss"]) and r["update_s_median"] > 0
+
+
+def test_bad_lora_flags_are_one_line_errors(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--lora", "--lora-rank", "-1"], cwd=tmp_path,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--lora-rank must be >= 1 with --lora, got -1" in proc.stderr
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--lora", "--lora-targets", "all-linear,q_proj"],
+                          cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "config error at '--lora.target_modules': all-linear already means every linear layer" in proc.stderr

@@ -59,3 +59,18 @@ def test_forget_after_a_clean_exit(tmp_path):
     (tmp_path / leftovers.FILE).write_text("{}")
     leftovers.forget(tmp_path)
     assert not (tmp_path / leftovers.FILE).exists()
+
+
+def test_the_weight_files_of_killed_learner_processes_are_removed(tmp_path, monkeypatch):
+    """``publish_state_dict`` names its file ``hicra_weights_<pid>_<uuid>.safetensors``: those of the killed pids
+    go (also a half-written ``.tmp``), another process's and other files stay."""
+    from hicra_rl.rollout import weight_sync
+
+    monkeypatch.setattr(weight_sync, "default_shm_dir", lambda: str(tmp_path))
+    names = ["hicra_weights_4242_ab.safetensors", "hicra_weights_4242_cd.safetensors.tmp",
+             "hicra_weights_42_ef.safetensors", "psm_4242", "hicra_weights_x_1.safetensors"]
+    for name in names:
+        (tmp_path / name).touch()
+    removed = leftovers.remove_weight_files({4242})
+    assert sorted(removed) == sorted(str(tmp_path / n) for n in names[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])

@@ -31,8 +31,8 @@ class OverlapFleet(FakeFleet):
         self.rec = rec
 
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
-        self.rec.generating.set()
         self.rec.events.append(f"generate {len(self.generated) + 1} begins")
+        self.rec.generating.set()
         if len(self.generated) == 1 and self.rec.staleness == 1:
             assert self.rec.update_started.wait(10), "generation of step 2 never overlapped an update"
         out = super().generate(prompt_ids, n, temperature, max_tokens, seed)
@@ -48,6 +48,8 @@ class OverlapLearners(FakeLearners):
 
     def update(self, sequences, old_log_probs, advantages, ref_log_probs=None, behaviour_log_probs=None,
                loss_mask=None):
+        if self.rec.staleness == 1 and not self.updates:  # the background thread may start late on a busy machine
+            assert self.rec.generating.wait(10), "step 2's generation never began"
         self.rec.events.append(f"update {len(self.updates) + 1}")
         self.rec.update_started.set()
         self.behaviour.append(behaviour_log_probs)
@@ -86,8 +88,10 @@ def test_staleness_1_overlaps_generation_with_the_update_and_syncs_between(tmp_p
     assert ev.index("generate 2 begins") < ev.index("update 1") < ev.index("generate 2 ends") < ev.index("sync 1")
     assert ev.index("sync 1") < ev.index("generate 3 begins") < ev.index("sync 2")
     assert ev.count("sync 3") == 1 and "generate 4 begins" not in ev  # nothing generated past the last step
-    # step 1 trains on what the initial weights sampled; steps 2, 3 on samples one sync older
+    # step 1 trains on what the initial weights sampled; steps 2, 3 on samples one sync older (every response)
     assert [h["rollout/policy_lag"] for h in history] == [0.0, 1.0, 1.0]
+    assert [h["rollout/policy_lag_max"] for h in history] == [0.0, 1.0, 1.0]
+    assert [h["rollout/mixed_policy_versions"] for h in history] == [0.0, 0.0, 0.0]
     # the same prompts and advantages as the synchronous run (the fakes do not depend on the weights)
     sync_trainer, _, _ = _run(tmp_path / "sync", 0)
     assert trainer.fleet.generated == sync_trainer.fleet.generated
@@ -97,6 +101,22 @@ def test_staleness_1_overlaps_generation_with_the_update_and_syncs_between(tmp_p
     behaviour = trainer.learners.behaviour[1]
     assert behaviour.shape == (4, 8)
     assert behaviour[0].tolist() == [-0.5] * 8 and behaviour[1].tolist() == [-0.5] + [0.0] * 7
+
+
+def test_policy_lag_is_the_mean_over_the_responses_of_their_own_versions():
+    """Four responses, the update starting from version 2: two sampled by version 1 (lag 1), two by a restarted
+    worker given version 2 (lag 0): mean 0.5, max 1, mixed.  One version: lag 1, not mixed."""
+    from hicra_rl.batch import RolloutBatch
+    from hicra_rl.driver import policy_lag_stats
+
+    keys = ("rollout/policy_lag", "rollout/policy_lag_max", "rollout/mixed_policy_versions")
+    assert tuple(policy_lag_stats([1, 1, 2, 2], 2)[k] for k in keys) == (0.5, 1.0, 1.0)
+    assert tuple(policy_lag_stats([1, 1, 1, 1], 2)[k] for k in keys) == (1.0, 1.0, 0.0)
+    assert tuple(policy_lag_stats([0, 0], 0)[k] for k in keys) == (0.0, 0.0, 0.0)
+    # the versions travel with their responses through dynamic sampling's take_groups / join
+    batch = RolloutBatch([[1]] * 4, [[2]] * 4, [[-0.5]] * 4, ["stop"] * 4, [0, 0, 1, 1], ["x"] * 4,
+                         policy_versions=[1, 1, 2, 2])
+    assert RolloutBatch.join([batch.take_groups([1]), batch.take_groups([0])]).policy_versions == [2, 2, 1, 1]
 
 
 def test_a_failed_background_generation_fails_the_step_that_needs_it(tmp_path):

@@ -165,6 +165,36 @@ def test_weight_sync_makes_vllm_logprobs_equal_the_learners(engine, tiny_model):
 
 
 @pytest.mark.slow
+def test_weight_sync_of_a_lora_learner_makes_vllm_logprobs_equal_the_learners(engine, tiny_model):
+    """A LoRA learner (learner.lora: rank 4, alpha 16 on every linear layer) after three updates: the merged
+    weights it publishes (what ``LearnerWorker.publish_weights`` sends) give vLLM the learner's own log-probs."""
+    from learner_fixtures import free_port
+
+    from hicra_rl.config import LearnerConfig, LearnerLoraConfig
+    from hicra_rl.learner.engine import PolicyBatch, PolicyLearner
+    from hicra_rl.learner.sequences import build_sequences
+
+    learner = PolicyLearner(LearnerConfig(zero_stage=0, lr=0.05, micro_batch_size=2,
+                                          lora=LearnerLoraConfig(rank=4, alpha=16.0)),
+                            model_path=tiny_model, master_port=free_port())
+    prompt, response = PROMPTS[0], [19556, 905, 33, 34, 27, 39, 45, 33, 41, EOS]
+    ids, am, rm = build_sequences([prompt, PROMPTS[1]], [response, [33, 34, 27]], pad_id=0)
+    before = engine.prompt_logprobs([prompt], [response])[0]
+    for _ in range(3):
+        learner.update(PolicyBatch(ids, am, rm, None, torch.ones(2, len(response))))
+    lp, _ = learner.compute_log_probs(ids, am, rm)
+    state = learner.full_state_dict()
+    assert not any("lora_" in k or "base_layer" in k for k in state)   # the base model's names, merged
+    engine.update_weights(state)
+    after = engine.prompt_logprobs([prompt], [response])[0]
+    learner_lp = lp[0, :len(response)].tolist()
+    assert max(abs(a - b) for a, b in zip(after, learner_lp)) < 1e-3
+    assert sum(after) - sum(before) > 1.0   # the adapters moved the policy towards the response (advantage 1)
+    engine.update_weights(_hf_model(tiny_model).state_dict())  # back to the original weights
+    assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_weight_sync_without_lm_head_still_ties_it(engine, tiny_model):
     """A state dict without lm_head.weight (tied models may omit it) must still update the output layer."""
     model = _hf_model(tiny_model)

@@ -111,3 +111,27 @@ def test_gsm8k_examples_pair_each_problem_with_its_own_solution():
     # GSM8K train rows 1-3: Natalia's clips (72), Weng's babysitting (10), Betty's wallet (5)
     assert [t.rsplit("\\boxed{", 1)[1] for t in texts] == ["72}.", "10}.", "5}."]
     assert "Natalia" in tok.decode(examples[0][0]) and "Weng" in tok.decode(examples[1][0])
+
+
+def test_rendezvous_port_is_free_per_process_unless_a_launcher_set_it(monkeypatch):
+    """Two single-process hicra-sft runs on one machine once both took port 29511 (EADDRINUSE)."""
+    import socket
+
+    from hicra_rl.errors import BadInputError
+    from hicra_rl.sft import rendezvous_port
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with socket.socket() as busy:  # a port in use is never handed out
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = rendezvous_port(1)
+        assert port != busy.getsockname()[1] and 1024 <= port <= 65535
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # and it is free
+    monkeypatch.setenv("MASTER_PORT", "29777")
+    assert rendezvous_port(4) == 29777
+    monkeypatch.delenv("MASTER_PORT")
+    import pytest
+
+    with pytest.raises(BadInputError, match="WORLD_SIZE is 2 but MASTER_PORT is not set"):
+        rendezvous_port(2)

@@ -2,8 +2,13 @@
 
 Layout of ``<run_dir>/step-N/`` (the run directory must be shared by all ranks)::
 
-    hf/                   the policy as a Hugging Face model folder (+ tokenizer files of model_path)
-    deepspeed/state/      DeepSpeed's module, optimizer (per ZeRO partition) and LR-scheduler state
+    hf/                   the policy as a Hugging Face model folder (+ tokenizer files of model_path); with
+                          LoRA the merged weights W + (alpha / r) * B @ A under the base model's names
+    adapter/              LoRA only: the adapters as peft writes them (adapter_config.json,
+                          adapter_model.safetensors): ``PeftModel.from_pretrained(base, "adapter")``
+    deepspeed/state/      DeepSpeed's module, optimizer (per ZeRO partition) and LR-scheduler state; with LoRA
+                          the module state holds the adapters only (the frozen base is not saved: a resume
+                          loads it from the model path and checks it against the manifest's fingerprint)
     rng/rank{r}.pt        python, numpy and torch RNG states of every rank
     extra.json            the caller's ``extra`` dict (data position, step, ...)
     checkpoint.json       manifest, written last
@@ -22,6 +27,7 @@ load.  A file that needs any other class is refused with a message naming it; se
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -123,16 +129,64 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_hf_model(learner, out_dir: Path) -> None:
-    """The policy as an HF folder (rank 0 writes; collective because of ZeRO-3 gathering)."""
+    """The policy as an HF folder (rank 0 writes; collective because of ZeRO-3 gathering); with LoRA the
+    merged weights (``PolicyLearner.full_state_dict``)."""
     state = learner.full_state_dict()
     if learner.rank != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    learner.engine.module.save_pretrained(out_dir, state_dict=state)
+    module = learner.hf_module() if getattr(learner, "lora", False) else learner.engine.module
+    module.save_pretrained(out_dir, state_dict=state)
     src = Path(learner.model_path)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out_dir / name)
+
+
+def save_adapter(learner, out_dir: Path) -> None:
+    """LoRA: the adapters as a peft folder (rank 0 writes; collective because of ZeRO-3 gathering)."""
+    state = learner.adapter_state_dict()
+    if learner.rank != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    learner.engine.module.save_pretrained(str(out_dir), state_dict=state)
+
+
+def _frozen_names(module: torch.nn.Module) -> set[str]:
+    """Every name of a frozen parameter, aliases included (a tied ``lm_head.weight``)."""
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if id(p) not in trainable}
+
+
+@contextlib.contextmanager
+def _adapters_only_module_state(engine):
+    """While active, DeepSpeed's ``module_state_dict`` (what its checkpoint stores as ``module``) leaves out every
+    frozen parameter, tied aliases too (its own ``exclude_frozen_parameters`` keeps a tied ``lm_head.weight``)."""
+    original = engine.module_state_dict
+    frozen = _frozen_names(engine.module)
+
+    def adapters_only(*args, **kwargs):
+        state = original(*args, **kwargs)
+        for name in frozen & set(state):
+            del state[name]
+        return state
+
+    engine.module_state_dict = adapters_only
+    try:
+        yield
+    finally:
+        del engine.module_state_dict   # the class's method again
+
+
+def lora_manifest(learner) -> dict | None:
+    """The manifest's record of ``learner.lora`` (None: full fine-tuning)."""
+    if not getattr(learner, "lora", False):
+        return None
+    c = learner.cfg.lora
+    return {"rank": int(c.rank), "alpha": float(c.alpha), "dropout": float(c.dropout),
+            "target_modules": list(c.target_modules), "adapted_layers": len(learner.lora_layers),
+            "trainable_params": int(learner.trainable_params), "base_model": str(learner.model_path),
+            "base_fingerprint": learner.base_fingerprint()}
 
 
 def save_checkpoint(learner, run_dir: str | os.PathLike, step: int, extra: dict | None = None,
@@ -154,16 +208,23 @@ def save_checkpoint(learner, run_dir: str | os.PathLike, step: int, extra: dict 
         tmp.mkdir()
     learner.barrier()
 
-    learner.engine.save_checkpoint(str(tmp / "deepspeed"), tag=_DS_TAG, save_latest=False)
+    lora = lora_manifest(learner)
+    frozen_out = {"exclude_frozen_parameters": True} if lora is not None else {}   # ZeRO-2/3: no frozen fragments
+    with _adapters_only_module_state(learner.engine) if lora is not None else contextlib.nullcontext():
+        learner.engine.save_checkpoint(str(tmp / "deepspeed"), tag=_DS_TAG, save_latest=False, **frozen_out)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank{learner.rank}.pt")
     save_hf_model(learner, tmp / "hf")
+    if lora is not None:
+        save_adapter(learner, tmp / "adapter")
     learner.barrier()
 
     if learner.rank == 0:
         (tmp / "extra.json").write_text(extra_text)
         manifest = {"format": FORMAT_VERSION, "step": int(step), "world_size": learner.world_size,
                     "zero_stage": learner.cfg.zero_stage, "global_steps": learner.global_steps}
+        if lora is not None:
+            manifest["lora"] = lora
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step: swap the old one out, then drop it
@@ -229,6 +290,42 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     return doomed
 
 
+_LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
+
+
+def _check_lora_resume(learner, manifest: dict, where: Path):
+    """A LoRA checkpoint resumes only into a learner with the same adapters on the same base weights (its
+    fingerprint: the base was not saved); full fine-tuning and LoRA never mix.  Returns the module-state
+    loader for DeepSpeed (LoRA: adapters only, every other key must be a frozen base weight), or None."""
+    saved, have = manifest.get("lora"), lora_manifest(learner)
+    if (saved is None) != (have is None):
+        what = {True: "LoRA adapters (learner.lora.rank > 0)", False: "full fine-tuning (learner.lora.rank 0)"}
+        raise ValueError(f"{where}: the checkpoint holds {what[saved is not None]}, this learner uses "
+                         f"{what[have is not None]}")
+    if saved is None:
+        return None
+    for key in _LORA_KEYS:
+        if saved.get(key) != have[key]:
+            raise ValueError(f"{where}: field 'lora.{key}' is {saved.get(key)!r}, this learner has "
+                             f"learner.lora.{key}={have[key]!r}")
+    from hicra_rl.learner.lora import same_fingerprint
+
+    if not same_fingerprint(saved["base_fingerprint"], have["base_fingerprint"]):
+        raise ValueError(f"{where}: the base weights at {learner.model_path} are not those the adapters were trained "
+                         f"on (saved from {saved.get('base_model')}; fingerprint {saved['base_fingerprint']} against "
+                         f"{have['base_fingerprint']}); resume with the same model.path / trainer.init_checkpoint")
+    frozen = _frozen_names(learner.engine.module)
+
+    def load_adapters(src: dict, dst: torch.nn.Module) -> None:
+        result = dst.load_state_dict(src, strict=False)
+        missing = set(result.missing_keys) - frozen
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{where}: the adapters do not fit this learner (missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(result.unexpected_keys)[:4]})")
+
+    return load_adapters
+
+
 def load_checkpoint(learner, ckpt_dir: str | os.PathLike) -> dict:
     """Restore weights, optimizer, LR schedule and RNG states into ``learner`` (collective);
     returns the saved ``extra`` dict.  The learner must be freshly built (ZeRO-3 needs a pristine
@@ -238,12 +335,14 @@ def load_checkpoint(learner, ckpt_dir: str | os.PathLike) -> dict:
     for key, have in (("world_size", learner.world_size), ("zero_stage", learner.cfg.zero_stage)):
         if manifest[key] != have:
             raise ValueError(f"{ckpt_dir / MANIFEST}: field {key!r} is {manifest[key]}, this learner has {have}")
+    custom_load = _check_lora_resume(learner, manifest, ckpt_dir / MANIFEST)
     engine = learner.engine
     original = engine.checkpoint_engine
     engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(original)  # DeepSpeed's own passes weights_only=False
     try:
         load_path, _ = engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=_DS_TAG,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+                                              load_optimizer_states=True, load_lr_scheduler_states=True,
+                                              custom_load_fn=custom_load)
     finally:
         engine.checkpoint_engine = original
     if load_path is None:

@@ -16,6 +16,7 @@ the accumulation steps): the applied gradient is exactly the full-batch gradient
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -194,7 +195,7 @@ class PolicyLearner:
         self.ds_config = self._deepspeed_config()
         torch_dtype = DTYPES[dtype]
         # Loaded whole on every rank (CPU memory); ZeRO-3 partitions it in deepspeed.initialize.
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        model = self._load_model(model_path, torch_dtype)
         model.config.use_cache = False
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -203,6 +204,20 @@ class PolicyLearner:
         self.tied_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
         self.model_config = model.config
         self.matrix_weights = matrix_weights(model, model.config)   # (decoder, vocabulary projection)
+        # learner.lora: the base weights frozen, adapters on the targeted layers (hicra_rl.learner.lora)
+        self.lora_layers = {}
+        if cfg.lora.rank > 0:
+            from hicra_rl.learner.lora import add_lora
+
+            model, self.lora_layers = add_lora(model, cfg.lora, model_path)
+        self.lora = bool(self.lora_layers)
+        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.lora and rank == 0:
+            total = sum(p.numel() for p in model.parameters())
+            logging.getLogger("hicra_rl").info(
+                "learner: LoRA rank %d (alpha %g) on %d layers: %d trainable parameters, %.3f%% of %d",
+                cfg.lora.rank, cfg.lora.alpha, len(self.lora_layers), self.trainable_params,
+                100 * self.trainable_params / total, total)
         self.updates = 0
         # (padded positions, response tokens) of each micro-batch of the last gradient_step / update
         self.last_gemm_work: list[tuple[int, int]] = []
@@ -211,13 +226,15 @@ class PolicyLearner:
         lr_factor = _lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
-            model_parameters=None if optimizer is not None else model.parameters(),
+            model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
         )
         self.engine.train()
 
         self.ref_engine = None
-        if self.loss_cfg.kl_coef != 0:  # a frozen copy of the initial policy for the KL term
+        # the KL term's reference is the initial policy: with LoRA the base model itself (adapters disabled,
+        # compute_ref_log_probs), else a frozen copy
+        if self.loss_cfg.kl_coef != 0 and not self.lora:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
             ref.config.use_cache = False
             ref.requires_grad_(False)
@@ -227,6 +244,12 @@ class PolicyLearner:
             self.ref_engine.eval()
 
     # ------------------------------------------------------------------ set-up
+    def _load_model(self, model_path: str, torch_dtype: torch.dtype) -> torch.nn.Module:
+        """The trained model (a causal LM; ``hicra_rl.learner.reward_model.RewardLearner``: a scalar head)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+
     def _deepspeed_config(self) -> dict:
         cfg = self.cfg
         ds = {
@@ -334,7 +357,16 @@ class PolicyLearner:
             self.engine.train(was_training)
 
     def compute_ref_log_probs(self, input_ids, attention_mask, response_mask, width: int | None = None):
-        """log-probs of the frozen reference policy per response token, [B, width]."""
+        """log-probs of the frozen reference policy per response token, [B, width] (with LoRA: the base
+        model, the policy with its adapters switched off)."""
+        if self.lora and self.loss_cfg.kl_coef != 0:
+            was_training = self.engine.training
+            self.engine.eval()
+            try:
+                with self.engine.module.disable_adapter():
+                    return self._log_probs_with(self.engine, input_ids, attention_mask, response_mask, width)[0]
+            finally:
+                self.engine.train(was_training)
         if self.ref_engine is None:
             raise RuntimeError("compute_ref_log_probs needs a reference model (loss kl_coef != 0)")
         return self._log_probs_with(self.ref_engine, input_ids, attention_mask, response_mask, width)[0]
@@ -622,20 +654,78 @@ class PolicyLearner:
         """The full policy weights under HF names, as CPU tensors, on rank 0 ({} elsewhere).
 
         Collective (ZeRO-3 parameters are gathered one at a time).  Tied weights appear under every
-        name (``lm_head.weight`` too: vLLM needs it)."""
+        name (``lm_head.weight`` too: vLLM needs it).  With LoRA: the base model's names and shapes, the
+        adapters merged into their layers (``hicra_rl.learner.lora.merged_state_dict``)."""
         import deepspeed
 
         module = self.engine.module
         out: dict[str, torch.Tensor] = {}
+        copy_dtype = None if self.lora else dtype   # with LoRA: merge in the weights' dtype, then cast
         for name, param in module.named_parameters(remove_duplicate=False):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.rank == 0:
-                    out[name] = param.detach().to("cpu", dtype=dtype or param.dtype, copy=True)
+                    out[name] = param.detach().to("cpu", dtype=copy_dtype or param.dtype, copy=True)
         for mod_name, mod in module.named_modules(remove_duplicate=False):
             for buf_name, buf in mod.named_buffers(recurse=False):
                 if buf_name not in mod._non_persistent_buffers_set and self.rank == 0:
                     out[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf.detach().to("cpu", copy=True)
+        if self.lora and self.rank == 0:
+            from hicra_rl.learner.lora import merged_state_dict
+
+            out = merged_state_dict(out, self.lora_layers)
+            if dtype is not None:
+                out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
         return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapters (peft's parameter names), CPU copies, on rank 0 ({} elsewhere); collective."""
+        import deepspeed
+
+        from hicra_rl.learner.lora import is_adapter_param
+
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.engine.module.named_parameters():
+            if is_adapter_param(name):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        out[name] = param.detach().to("cpu", copy=True)
+        return out
+
+    def base_fingerprint(self) -> dict:
+        """Elements and norms of the frozen (LoRA base) weights, the same on every rank; collective under
+        ZeRO-3.  A checkpoint records it: the base is not saved, a resume loads it from the model path."""
+        import deepspeed
+
+        from hicra_rl.learner.lora import weights_fingerprint
+
+        def frozen():
+            for name, param in self.engine.module.named_parameters():
+                if not param.requires_grad:
+                    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                        yield name, param.detach()
+
+        return weights_fingerprint(frozen())
+
+    def hf_module(self) -> torch.nn.Module:
+        """The HF model (``save_pretrained`` of the merged weights): the engine's module, or under LoRA the
+        model peft wraps."""
+        module = self.engine.module
+        return module.get_base_model() if self.lora else module
+
+    def _base_optimizer(self):
+        opt = self.optimizer
+        inner = getattr(opt, "optimizer", None)   # DeepSpeed's ZeRO / bf16 wrappers keep torch's optimizer here
+        return inner if inner is not None and hasattr(inner, "state") else opt
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of this rank's optimizer state tensors (AdamW: the two moments; scalars such as the step
+        count left out): trainable parameters x 2 without ZeRO, this rank's partition x 2 with ZeRO-1/2/3."""
+        return sum(t.numel() for st in self._base_optimizer().state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self._base_optimizer().state.values()
+                   for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
 
     @property
     def global_steps(self) -> int:
