@@ -1,22 +1,19 @@
 """benchmarks/bench_learner.py builds its batches from a run's dumped rollouts as the driver builds them."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_learner_under_test", ROOT / "benchmarks" / "bench_learner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_learner.py")
 
 
 def _write(folder: Path, step: int, rows: list[dict]) -> None:

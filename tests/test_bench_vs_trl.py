@@ -5,7 +5,6 @@ refused, the summaries / ratios / targets by hand, the process-tree memory sampl
 measurement of both sides (step times, start-up, job, memory) on stand-ins that write what the real ones write."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_vs_trl.py"
@@ -22,10 +22,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_vs_trl.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_vs_trl.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ data, and benchmarks/strategy_choice.py runs a balanced grid in priority order, 
 publishes what the report reads."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 from hydra import compose, initialize_config_dir
 
 from hicra_rl.config import register_configs, to_schema
@@ -17,10 +17,7 @@ register_configs()
 
 
 def _grid_module():
-    spec = importlib.util.spec_from_file_location("strategy_choice_under_test", ROOT / "benchmarks" / "strategy_choice.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("strategy_choice.py")
 
 
 @pytest.mark.parametrize("data", ["strat_hard", "strat_easy"])
