@@ -21,6 +21,13 @@ def build_tiny_llama(out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
+def float32_model(path):
+    """The Hugging Face causal LM at ``path`` in float32: the reference the learner's results are checked against."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from learner_fixtures import (
     direct_log_probs,
+    float32_model,
     free_port,
     random_rows,
     remove_shm_buffers,
@@ -29,12 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 @pytest.fixture(scope="module")
 def port():
     return free_port()
-
-
-def reference_model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------- pure layout / config
@@ -101,7 +96,7 @@ def test_log_probs_and_entropy_match_plain_hf(tiny_llama, port):
     lp, ent = learner.compute_log_probs(ids, am, rm, width=6)
     assert lp.shape == ent.shape == (5, 6)
     with torch.no_grad():
-        ref_lp, ref_ent = direct_log_probs(reference_model(tiny_llama), prompts, responses, temperature=0.7)
+        ref_lp, ref_ent = direct_log_probs(float32_model(tiny_llama), prompts, responses, temperature=0.7)
     torch.testing.assert_close(lp, to_layout(ref_lp, 6), atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, to_layout(ref_ent, 6), atol=1e-4, rtol=0)
     # sanity of the reference itself: a near-uniform tiny model over 49152 tokens
@@ -137,7 +132,7 @@ def test_update_equals_full_batch_reference(tiny_llama, port, stage, agg_mode, e
 
     stats = learner.update(PolicyBatch(ids, am, rm, old, adv))
 
-    model = reference_model(tiny_llama)
+    model = float32_model(tiny_llama)
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, eps=eps)
@@ -255,7 +250,7 @@ def test_reference_model_stays_frozen_and_kl_grows(tiny_llama, port):
 def test_full_state_dict_zero3_has_hf_names_and_tied_head(tiny_llama, port):
     learner = PolicyLearner(LearnerConfig(zero_stage=3), model_path=tiny_llama, master_port=port)
     sd = learner.full_state_dict()
-    expected = reference_model(tiny_llama).state_dict()
+    expected = float32_model(tiny_llama).state_dict()
     assert set(sd) == set(expected) and "lm_head.weight" in sd
     for name, value in expected.items():
         assert torch.equal(sd[name], value), name
@@ -304,7 +299,7 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tiny_llama, port, tmp_path
     assert r0["stats"]["actor/grad_norm"] == pytest.approx(single["actor/grad_norm"], rel=1e-5)
     for name, value in learner.engine.module.state_dict().items():
         torch.testing.assert_close(r0["weights"][name], value, atol=1e-6, rtol=0, msg=name)
-    initial = reference_model(tiny_llama).state_dict()
+    initial = float32_model(tiny_llama).state_dict()
     assert not torch.equal(r0["weights"]["model.norm.weight"], initial["model.norm.weight"])
 
 
@@ -374,7 +369,7 @@ def test_gradient_step_groups_micro_batches_by_length(tiny_llama, port):
     prompts, responses = random_rows(14, [2, 2, 2, 2], [1, 9, 1, 9])
     ids, am, rm = build_sequences(prompts, responses, pad_id=0)
     with torch.no_grad():
-        lps, _ = direct_log_probs(reference_model(tiny_llama), prompts, responses)
+        lps, _ = direct_log_probs(float32_model(tiny_llama), prompts, responses)
     expected_nll = -float(torch.cat(lps).sum()) / 20
     out = learner.gradient_step(ids, am, rm, nll_loss)
     assert out["padding_frac"] == 0.0 and out["n_tokens"] == 20

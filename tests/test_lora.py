@@ -17,6 +17,7 @@ import torch
 from learner_fixtures import (
     build_tiny_llama,
     direct_log_probs,
+    float32_model,
     free_port,
     random_rows,
     remove_shm_buffers,
@@ -49,12 +50,6 @@ ADAPTER_NUMEL = 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)   # 1792, see the module
 @pytest.fixture(scope="module")
 def port():
     return free_port()
-
-
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def small_llama():
@@ -186,7 +181,7 @@ def test_only_the_adapters_change_and_only_they_have_optimizer_state(tiny_llama,
             if "lora_" not in name:
                 assert torch.equal(value, frozen_before[name]), name   # bitwise
     merged = learner.full_state_dict()
-    reference = hf_model(tiny_llama).state_dict()
+    reference = float32_model(tiny_llama).state_dict()
     assert set(merged) == set(reference) == set(base_before)
     for name, value in merged.items():
         module = name.removesuffix(".weight")
@@ -214,7 +209,7 @@ def test_lora_update_equals_a_direct_peft_computation(tiny_llama, port, stage, s
                                           shared_prefix=shared_prefix, shared_prefix_attention=attention, lora=LORA),
                             model_path=tiny_llama, master_port=port, gradient_checkpointing=checkpointing)
     initial = learner.adapter_state_dict()
-    model, _ = add_lora(hf_model(tiny_llama), LORA)
+    model, _ = add_lora(float32_model(tiny_llama), LORA)
     model.load_state_dict(initial, strict=False)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 8
@@ -260,7 +255,7 @@ def test_kl_reference_is_the_base_model_with_no_second_copy(tiny_llama, port):
     assert stats["actor/kl_ref"] > 0   # the policy moved away from its reference
     prompts, responses = random_rows(3, [3, 5, 2, 4], [4, 2, 6, 3])
     with torch.no_grad():
-        base, _ = direct_log_probs(hf_model(tiny_llama), prompts, responses)
+        base, _ = direct_log_probs(float32_model(tiny_llama), prompts, responses)
     ref = learner.compute_ref_log_probs(ids, am, rm, width=6)
     torch.testing.assert_close(ref, to_layout(base, 6), atol=1e-5, rtol=0)
     policy, _ = learner.compute_log_probs(ids, am, rm, width=6)
@@ -369,11 +364,11 @@ def test_checkpoint_resume_is_exact_and_holds_adapters_and_a_merged_model(tiny_l
     states = sorted((path / "deepspeed" / "state").glob("*model_states.pt"))
     module = ckpt.safe_torch_load(states[0])["module"]
     assert sorted(module) == sorted(saved_adapters)   # no base weight, not even the tied lm_head
-    hf = hf_model(path / "hf").state_dict()
+    hf = float32_model(path / "hf").state_dict()
     assert set(hf) == set(saved_merged)
     for name, value in saved_merged.items():
         assert torch.equal(hf[name], value), name
-    peft_merged = PeftModel.from_pretrained(hf_model(tiny_llama), str(path / "adapter")).merge_and_unload().state_dict()
+    peft_merged = PeftModel.from_pretrained(float32_model(tiny_llama), str(path / "adapter")).merge_and_unload().state_dict()
     for name, value in saved_merged.items():
         torch.testing.assert_close(peft_merged[name], value, atol=1e-6, rtol=0, msg=name)
 
@@ -436,7 +431,7 @@ def test_sft_with_lora_writes_the_merged_model_and_the_adapters(tiny_llama, port
     out = tmp_path / "cold-start"
     ckpt.save_hf_model(learner, out)
     ckpt.save_adapter(learner, out / "adapter")
-    merged = hf_model(out).state_dict()
+    merged = float32_model(out).state_dict()
     changed = {k for k in before if not torch.equal(merged[k], before[k])}
     assert changed == {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"}
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
