@@ -16,6 +16,11 @@ class Collect(logging.Handler):
 
 def test_only_the_rotary_reload_warning_is_dropped():
     logger = logging.getLogger(VLLM_RELOAD_LOGGER)
+    # Earlier tests in the same process may leave logging muted (a library's dictConfig disables existing
+    # loggers, vLLM sets its level): this test is about our filter, so it starts from a logger that emits.
+    saved = (logger.disabled, logger.level, logging.root.manager.disable)
+    logger.disabled, logger.level = False, logging.WARNING
+    logging.disable(logging.NOTSET)
     sink = Collect()
     logger.addHandler(sink)
     try:
@@ -30,6 +35,8 @@ def test_only_the_rotary_reload_warning_is_dropped():
     finally:
         logger.removeHandler(sink)
         logger.filters.clear()
+        logger.disabled, logger.level = saved[0], saved[1]
+        logging.disable(saved[2])
 
 
 def test_vllm_logs_the_warning_under_that_logger_name():
