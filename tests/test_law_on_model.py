@@ -1,0 +1,45 @@
+"""The pure parts of benchmarks/law_on_model.py, against values computed by hand."""
+import numpy as np
+import pytest
+
+from tests.benchmark_scripts import load_benchmark
+
+law = load_benchmark("law_on_model.py")
+
+
+def test_law_ratio_is_one_plus_alpha_times_one_minus_two_pbar():
+    assert law.law_ratio(1.0, 0.25) == pytest.approx(1.5)
+    assert law.law_ratio(0.2, 0.25) == pytest.approx(1.1)
+    assert law.law_ratio(1.0, 0.8) == pytest.approx(0.4)
+    assert law.law_ratio(0.2, 0.5) == pytest.approx(1.0)
+
+
+def test_group_pushes_sum_advantage_times_derivative_per_group():
+    adv = np.array([[1.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    c = np.array([[0.1, 0.2, 9.0], [0.3, 7.0, 0.0], [1.0, 2.0, 3.0]])
+    groups = np.array([0, 0, 1])
+    # group 0: 1*0.1 + 2*0.2 + 0*9 + (-1)*0.3 + 0*7 = 0.2; group 1: 0.5*(1+2+3) = 3.0; group 2 empty
+    assert law.group_pushes(adv, c, groups, 3) == pytest.approx([0.2, 3.0, 0.0])
+
+
+def test_bootstrap_ratio_is_the_ratio_of_sums_and_collapses_when_every_group_agrees():
+    num, den = np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0])
+    assert law.bootstrap_ratio(num, den) == pytest.approx((2.0, 2.0, 2.0))
+    num = np.array([1.0, 3.0, 2.0, 10.0])
+    den = np.array([1.0, 1.0, 1.0, 1.0])
+    ratio, lo, hi = law.bootstrap_ratio(num, den, draws=2000)
+    assert ratio == pytest.approx(16.0 / 4.0)
+    assert 1.0 <= lo < ratio < hi <= 10.0
+
+
+def test_announcement_mask_marks_the_tokens_of_the_first_announced_phrase():
+    strategies = {"left_to_right": "work from left to right", "direct": "add it all up in one step"}
+    text = "Let's work from left to right.\n1 + 2 = 3"
+    # tokens: "Let's" [0,5) " work" [5,10) " from left" [10,20) " to right" [20,29) "." [29,30) "\n1 + 2 = 3"
+    spans = [(0, 5), (5, 10), (10, 20), (20, 29), (29, 30), (30, len(text))]
+    assert law.announcement_mask(text, spans, strategies).tolist() == [False, True, True, True, False, False]
+    # the first of two phrases counts; none: all False
+    text2 = "Let's add it all up in one step. Or work from left to right."
+    spans2 = [(0, 5), (5, 31), (31, len(text2))]
+    assert law.announcement_mask(text2, spans2, strategies).tolist() == [False, True, False]
+    assert not law.announcement_mask("12 + 3 = 15", [(0, 11)], strategies).any()
