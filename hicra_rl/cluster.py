@@ -100,8 +100,21 @@ def _init(address: str | None, num_cpus: int | None, env: dict) -> None:
 POLL_S = 1.0  # longest single wait: Ctrl-C / SIGTERM handlers run between waits
 
 
+MEMORY_KILL_MARKERS = ("running low on memory", "memory usage threshold")  # Ray's memory monitor's death cause
+
+
+def killed_for_memory(err: BaseException) -> bool:
+    """Did Ray's memory monitor kill this task or actor (node memory above ``RAY_memory_usage_threshold``)?
+    Its reason is in the death cause, lines below the error's first one."""
+    text = str(err).lower()
+    return isinstance(err, ray.exceptions.OutOfMemoryError) or any(m in text for m in MEMORY_KILL_MARKERS)
+
+
 def _failure(err: BaseException) -> str | None:
     """Why a finished ref failed, when the failure is its component's death (else None: a plain error)."""
+    if killed_for_memory(err):
+        return ("was killed by Ray's memory monitor: the node ran low on memory (another job on the machine, "
+                "or lower rollout.max_num_seqs / learner.micro_batch_size)")
     if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)):
         return f"died ({type(err).__name__}: {_first_line(err)})"
     cause = getattr(err, "cause", None)
