@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-fast lint bench clean-shm strategy-testbed strategy-grid docker-cpu
+.PHONY: install run test test-fast lint bench clean-shm strategy-testbed strategy-grid docker-cpu rm-example
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,20 @@ strategy-grid: install
 	$(BIN)/python benchmarks/strategy_choice.py $(ARGS)
 	$(BIN)/hicra-report benchmarks/results/strategy_choice/strat_hard benchmarks/results/strategy_choice/strat_easy \
 		--out benchmarks/results/strategy_choice/report
+
+# RL on a learned reward model, the CPU example (issue 23, docs/reward_models.md): preference pairs of the cold
+# start's right and wrong answers (train-role problems; eval-role pairs held out), a Bradley-Terry reward model
+# trained on them, then 20 RL steps on its reward alone (reward.source=model) and gated by the verifier; held-out
+# verifier Pass@1 every 10 steps. Each stage is skipped when its output exists; ~45 min on 2 cores.
+RM_PAIRS ?= runs/rm_pairs/smollm2_135m-arith
+REWARD_MODEL ?= $(HOME)/.cache/hicra-rl/reward_models/smollm2_135m-arith
+rm-example: install
+	test -f $(COLD_START)/config.json || $(BIN)/hicra-sft out_dir=$(COLD_START)
+	test -f $(RM_PAIRS)/train.jsonl || $(BIN)/hicra-rm pairs data.size=128 out_dir=$(RM_PAIRS)
+	test -f $(REWARD_MODEL)/config.json || $(BIN)/hicra-rm train train_pairs=$(RM_PAIRS)/train.jsonl \
+		eval_pairs=$(RM_PAIRS)/eval.jsonl epochs=1 out_dir=$(REWARD_MODEL)
+	$(BIN)/hicra-train +experiment=rm_cpu reward.source=model reward.model=$(REWARD_MODEL)
+	$(BIN)/hicra-train +experiment=rm_cpu reward.source=gated reward.model=$(REWARD_MODEL)
 
 # The CPU image and a 2-step training job in containers (docs/docker.md): docker/compose.yaml's cpu profile, a Ray
 # head and a driver that submits the job; its checkpoint and metrics.jsonl land in runs/docker/hicra-cpu-smoke/.

@@ -9,8 +9,8 @@ strat_hard against the law's 1.51, and ``law_optimizer_sim.py`` showed on a toy 
 (Adam normalises the gradient's scale away; the choice saturates).  This measures the law where it lives:
 
 1. ``sample``: one ``hicra-train`` step of the strategy-choice experiment from the cold start with
-   ``--prompts`` prompts x G = 4 and ``trainer.dump_rollouts=true``: the real rollout workers, verifiers and
-   SG tagger write every response's tokens, reward and planning mask (``runs/law_on_model/<data>``).
+   ``--prompts`` train-role prompts x 8 and ``trainer.dump_rollouts=true``: the real rollout workers,
+   verifiers and SG tagger write every response's tokens, reward and planning mask (``runs/law_on_model/<data>``).
 2. ``measure``, on those rollouts and the cold start's weights (float32, no sampling, deterministic):
    - the probe: ℓ(θ) = mean over ``--probes`` held-out (eval-role) prompts of log π(better announcement) −
      log π(worse announcement), teacher-forced; the announcements are the commonest first line of each
@@ -18,12 +18,17 @@ strat_hard against the law's 1.51, and ``law_optimizer_sim.py`` showed on a toy 
    - v = ∇ℓ (one backward), and for every response token t the directional derivative
      c_t = ∇log π(t) · v by central finite differences along v (two forwards; the step size is checked
      by halving it);
-   - per prompt group k and α: the push P_k(α) = Σ_t A^α_t c_t, where A^α are the project's own
+   - each prompt's 8 responses are two advantage groups of 4 (the testbed's G; the samples are independent).
+     Per group k and α, the push P_k(α) = Σ_t A^α_t c_t, where A^α are the project's own
      ``hicra_step_advantages`` (A + α|A| on planning tokens).  An SGD step on the token-mean loss moves ℓ
-     by lr · ΣP / N_tokens to first order, so ΣP(α) / ΣP(0) is the HICRA/GRPO ratio of the expected
-     gradient on the decision *as the model feels it*: decision tokens, other planning tokens and
-     execution tokens (which move the same weights) all included.  Split by token class, and the ratio
-     over the announcement's tokens alone (what the law is about).  95 % CIs: bootstrap over groups.
+     by lr · ΣP / N_tokens to first order, so ΣP(α) / ΣP(0) is the HICRA/GRPO ratio of the gradient on the
+     decision *as the model feels it*: over the announcement's tokens (what the law is about) and over all
+     tokens (other planning and execution tokens move the same weights);
+   - the law's prediction for these prompts: p̄ in 1 + α(1 − 2p̄) is each prompt's success rate, and only
+     prompts the policy sometimes solves push at all, so the mean accuracy is the wrong p̄.  Each group's
+     GRPO push is weighted by 1 + α(1 − 2p̂'), p̂' the mean reward of the prompt's *other* half
+     (independent of this group's rewards, so the estimate is unbiased); measured / law is the test;
+   - 95 % CIs: bootstrap over prompts (a prompt's two halves together);
    - one optimizer step per batch of 16 groups (the testbed's step): the full gradients g(α) of the
      project's ``ppo_clip_loss`` (on-policy, token-mean) for α = 0 and 1 (α = 0.2 by linearity), and the
      first-order Δℓ = v · Δθ of SGD, SGD after clipping the gradient norm to 1 (the learner's default) and
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,12 +60,37 @@ GROUPS_PER_BATCH = 16
 CLIP_NORM = 1.0
 ADAM_EPS = 1e-8
 MICRO = 8
+GROUP_SIZE = 8   # sampled per prompt; advantages and pushes in two halves of 4 (the testbed's G)
+ROLLOUTS = Path("rollouts/step-1.jsonl")   # the dump of the first step (sampled by the cold start)
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
 def law_ratio(alpha: float, p_bar: float) -> float:
     """docs/hicra_law.md: E[HICRA push] / E[GRPO push] on the decision = 1 + α(1 − 2p̄)."""
     return 1.0 + alpha * (1.0 - 2.0 * p_bar)
+
+
+def split_halves(group_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(half-group, prompt) index of each response: a prompt's G responses, in order, split into two halves of
+    G / 2, each an advantage group of its own (as if sampled with G / 2: the samples are independent)."""
+    _, prompt = np.unique(np.asarray(group_ids), return_inverse=True)
+    sizes = np.bincount(prompt)
+    if len(set(sizes.tolist())) != 1 or sizes[0] % 2:
+        raise SystemExit(f"law_on_model: needs one even group size for every prompt, got sizes {sorted(set(sizes))}")
+    seen = np.zeros(len(sizes), dtype=int)
+    half = np.zeros(len(prompt), dtype=int)
+    for i, x in enumerate(prompt):
+        half[i] = int(seen[x] >= sizes[0] // 2)
+        seen[x] += 1
+    return 2 * prompt + half, prompt
+
+
+def independent_law_terms(alpha: float, grpo_push: np.ndarray, pbar_other_half: np.ndarray) -> np.ndarray:
+    """Per half-group: (1 + α(1 − 2p̂')) × GRPO's push, where p̂' is the *other* half's mean reward.  p̄ in the
+    law is the prompt's success rate; p̂' estimates it independently of this half's rewards, so
+    Σ terms / Σ push estimates the law's prediction for these prompts without bias (a half's own mean reward
+    would be correlated with the push it made)."""
+    return (1.0 + alpha * (1.0 - 2.0 * pbar_other_half)) * grpo_push
 
 
 def group_pushes(token_adv: np.ndarray, c: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -75,8 +106,10 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, draws: int = 4000, seed: i
     idx = rng.integers(0, k, size=(draws, k))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = num[idx].sum(axis=1) / den[idx].sum(axis=1)
-    lo, hi = np.percentile(ratios[np.isfinite(ratios)], [2.5, 97.5])  # a draw of only zero-push groups has none
-    return float(num.sum() / den.sum()), float(lo), float(hi)
+    ratios = ratios[np.isfinite(ratios)]   # a draw of only zero-push groups has no ratio
+    lo, hi = np.percentile(ratios, [2.5, 97.5]) if len(ratios) else (math.nan, math.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(num.sum() / den.sum()), float(lo), float(hi)
 
 
 def token_spans(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
@@ -106,11 +139,12 @@ def announcement_mask(text: str, spans: list[tuple[int, int]], strategies: dict[
 # ------------------------------------------------------------------------------------------------- sample
 def sample(args) -> int:
     run_dir = RUNS / args.data
-    if (run_dir / "rollouts" / "step-0.jsonl").is_file():
-        print(f"{run_dir}/rollouts/step-0.jsonl exists: nothing to sample")
+    if (run_dir / ROLLOUTS).is_file():
+        print(f"{run_dir / ROLLOUTS} exists: nothing to sample")
         return 0
     cmd = [str(Path(sys.executable).parent / "hicra-train"), "+experiment=strategy_choice", f"data={args.data}",
-           "algorithm=grpo", f"rollout.prompts_per_step={args.prompts}", "trainer.total_steps=1",
+           "algorithm=grpo", f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={GROUP_SIZE}",
+           "trainer.total_steps=1",
            "trainer.eval_every=0", "trainer.save_every=0", "trainer.dump_rollouts=true",
            f"trainer.seed={args.seed}", f"trainer.run_dir={run_dir}", f"trainer.init_checkpoint={args.model}"]
     print(" ".join(cmd), flush=True)
@@ -194,7 +228,7 @@ def measure(args) -> int:
     torch.manual_seed(0)
     t0 = time.time()
     run_dir = RUNS / args.data
-    rows = load_rollouts(run_dir / "rollouts" / "step-0.jsonl")
+    rows = load_rollouts(run_dir / ROLLOUTS)
     strategies = dict(json.loads((run_dir / "config.json").read_text())["data"]["strategies"])
     tok = AutoTokenizer.from_pretrained(args.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -252,9 +286,11 @@ def measure(args) -> int:
     c = np.zeros((len(rows), width))
     for i, ci in enumerate(c_rows):
         c[i, :len(ci)] = ci
-    group_ids = [r["group"] for r in rows]
-    _, groups = np.unique(np.asarray(group_ids), return_inverse=True)
+    groups, prompt_of = split_halves([r["group"] for r in rows])   # advantage groups: halves of G / 2
+    group_ids = groups.tolist()
     n_groups = int(groups.max()) + 1
+    n_prompts = int(prompt_of.max()) + 1
+    prompt_of_group = np.arange(n_groups) // 2
     rewards = [float(r["reward"]) for r in rows]
     plan = [r["planning_mask"] for r in rows]
     decision = np.zeros((len(rows), width), dtype=bool)
@@ -273,11 +309,26 @@ def measure(args) -> int:
     adv = {0.0: token_adv(0.0), **{a: token_adv(a) for a in ALPHAS}}
     push = {a: group_pushes(adv[a], c, groups, n_groups) for a in adv}
     push_cls = {(a, k): group_pushes(adv[a] * m, c, groups, n_groups) for a in adv for k, m in classes.items()}
+    group_pbar = np.bincount(groups, weights=np.asarray(rewards), minlength=n_groups) / np.bincount(groups)
+    pbar_other = group_pbar[np.arange(n_groups) ^ 1]
+
+    def per_prompt(values):   # the bootstrap resamples prompts (a prompt's two halves together)
+        return np.bincount(prompt_of_group, weights=values, minlength=n_prompts)
+
     grad_rows = []
+    ann0 = push_cls[(0.0, "announcement")]
     for a in ALPHAS:
-        total = bootstrap_ratio(push[a], push[0.0])
-        ann = bootstrap_ratio(push_cls[(a, "announcement")], push_cls[(0.0, "announcement")])
-        grad_rows.append({"alpha": a, "law": law_ratio(a, p_bar), "ratio_all_tokens": total, "ratio_announcement": ann})
+        ann = push_cls[(a, "announcement")]
+        law_terms = independent_law_terms(a, ann0, pbar_other)
+        grad_rows.append({
+            "alpha": a, "law": law_ratio(a, p_bar),
+            "law_independent": bootstrap_ratio(per_prompt(law_terms), per_prompt(ann0)),
+            "ratio_announcement": bootstrap_ratio(per_prompt(ann), per_prompt(ann0)),
+            "ratio_all_tokens": bootstrap_ratio(per_prompt(push[a]), per_prompt(push[0.0])),
+            "announcement_over_law": bootstrap_ratio(per_prompt(ann), per_prompt(law_terms))})
+    np.savez_compressed(_out_dir(args) / "per_group.npz", group_pbar=group_pbar, prompt_of_group=prompt_of_group,
+                        **{f"push_a{a}": push[a] for a in push},
+                        **{f"push_a{a}_{k}": push_cls[(a, k)] for a in adv for k in classes})
     shares = {k: float(push_cls[(0.0, k)].sum() / push[0.0].sum()) for k in classes}
     print(f"p̄ {p_bar:.3f}; gradient ratios {grad_rows} ({time.time() - t0:.0f} s)", flush=True)
 
@@ -339,21 +390,27 @@ def measure(args) -> int:
         step_rows.append(entry)
 
     result = {
-        "data": args.data, "model": args.model, "rollouts": len(rows), "groups": n_groups, "p_bar": p_bar,
+        "data": args.data, "model": args.model, "rollouts": len(rows), "prompts": n_prompts, "groups": n_groups,
+        "p_bar": p_bar,
         "strategy_share": share, "strategy_accuracy": acc, "better": better, "announcements": first_line,
         "probes": len(probes), "logodds": ell.item(), "grad_logodds_norm": v_norm,
         "fd_logodds_step": args.fd_logodds, "fd_halving_rel_change": fd_rel_change,
         "grpo_push_share_by_token_class": shares, "gradient": grad_rows, "optimizer_step": step_rows,
         "groups_per_batch": per_batch, "batches": steps, "seconds": time.time() - t0,
     }
-    out = Path(args.out or RESULTS / args.data)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(args)
     from hicra_rl.iofiles import write_json_atomic, write_text_atomic
 
     write_json_atomic(out / "result.json", result, indent=2)
     write_text_atomic(out / "result.md", markdown(result))
     print(markdown(result))
     return 0
+
+
+def _out_dir(args) -> Path:
+    out = Path(args.out or RESULTS / args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _ci(t) -> str:
@@ -366,7 +423,8 @@ def markdown(r: dict) -> str:
         f"# HICRA's law on the real policy: {r['data']}",
         "",
         f"`python benchmarks/law_on_model.py measure --data {r['data']}` on {r['rollouts']} cold-start rollouts "
-        f"({r['groups']} groups of 4, `runs/law_on_model/{r['data']}`), {r['probes']} held-out probe prompts.",
+        f"({r['prompts']} train-role prompts x {r['rollouts'] // r['prompts']}, advantages in halves: {r['groups']} groups "
+        f"of {r['rollouts'] // r['groups']}; `runs/law_on_model/{r['data']}`), {r['probes']} held-out probe prompts.",
         f"Group accuracy p̄ = {r['p_bar']:.3f}; strategies: "
         + ", ".join(f"{s} {r['strategy_share'][s]:.0%} of responses at {r['strategy_accuracy'].get(s, float('nan')):.3f}"
                     for s in r["strategy_share"]) + f"; better: {r['better']}.",
@@ -374,13 +432,15 @@ def markdown(r: dict) -> str:
         f"|∇ℓ| = {r['grad_logodds_norm']:.2f}; finite-difference step check: halving it changes Σ|c| by "
         f"{r['fd_halving_rel_change']:.1e}.",
         "",
-        "## Expected gradient on the decision (HICRA / GRPO push on ℓ; 95 % CI, bootstrap over groups)",
+        "## Expected gradient on the decision (HICRA / GRPO push on ℓ; 95 % CI, bootstrap over prompts)",
         "",
-        "| α | law 1 + α(1 − 2p̄) | announcement tokens only | all tokens (what moves ℓ) |",
-        "| --- | --- | --- | --- |",
+        "| α | law at the mean p̄ | law per prompt (p̂ of the other half) | measured: announcement tokens "
+        "| measured / law per prompt | measured: all tokens (what moves ℓ) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for g in r["gradient"]:
-        lines.append(f"| {g['alpha']} | {g['law']:.3f} | {_ci(g['ratio_announcement'])} | {_ci(g['ratio_all_tokens'])} |")
+        lines.append(f"| {g['alpha']} | {g['law']:.3f} | {_ci(g['law_independent'])} | {_ci(g['ratio_announcement'])} "
+                     f"| {_ci(g['announcement_over_law'])} | {_ci(g['ratio_all_tokens'])} |")
     sh = r["grpo_push_share_by_token_class"]
     lines += ["", "GRPO's push on ℓ by token class: " + ", ".join(f"{k} {v:+.2f}" for k, v in sh.items()) + ".", "",
               f"## One optimizer step ({r['groups_per_batch']} groups a batch, {len(r['batches'])} batches; first-order "
@@ -401,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mode", choices=("sample", "measure"))
     p.add_argument("--data", default="strat_hard", choices=("strat_hard", "strat_easy"))
     p.add_argument("--model", default=COLD_START)
-    p.add_argument("--prompts", type=int, default=128, help="sample: prompts (groups of 4)")
+    p.add_argument("--prompts", type=int, default=128, help="sample: prompts (8 responses each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probes", type=int, default=64, help="measure: held-out probe prompts")
     p.add_argument("--fd-logodds", type=float, default=0.02,

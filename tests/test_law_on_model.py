@@ -14,6 +14,28 @@ def test_law_ratio_is_one_plus_alpha_times_one_minus_two_pbar():
     assert law.law_ratio(0.2, 0.5) == pytest.approx(1.0)
 
 
+def test_split_halves_makes_two_groups_of_each_prompt_in_order():
+    # prompt 7's responses come first, then prompt 3's, interleaved in the dump as written
+    half_group, prompt = law.split_halves([7, 7, 3, 7, 3, 3, 7, 3])
+    # np.unique orders prompts: 3 -> 0, 7 -> 1; the first two of each prompt are half 0
+    assert prompt.tolist() == [1, 1, 0, 1, 0, 0, 1, 0]
+    assert half_group.tolist() == [2, 2, 0, 3, 0, 1, 3, 1]
+    with pytest.raises(SystemExit, match="even group size"):
+        law.split_halves([0, 0, 0, 1, 1, 1])
+    with pytest.raises(SystemExit, match="even group size"):
+        law.split_halves([0, 0, 1, 1, 1, 1])
+
+
+def test_independent_law_weights_each_groups_push_by_the_other_halfs_success_rate():
+    push = np.array([2.0, 1.0, 4.0, 0.0])
+    pbar_other = np.array([0.25, 0.5, 0.75, 0.0])
+    # α = 1: 1 + (1 - 2p') = 1.5, 1.0, 0.5, 2.0 -> terms 3.0, 1.0, 2.0, 0.0; law = 6 / 7
+    terms = law.independent_law_terms(1.0, push, pbar_other)
+    assert terms.tolist() == pytest.approx([3.0, 1.0, 2.0, 0.0])
+    assert terms.sum() / push.sum() == pytest.approx(6.0 / 7.0)
+    assert law.independent_law_terms(0.0, push, pbar_other).tolist() == push.tolist()
+
+
 def test_group_pushes_sum_advantage_times_derivative_per_group():
     adv = np.array([[1.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
     c = np.array([[0.1, 0.2, 9.0], [0.3, 7.0, 0.0], [1.0, 2.0, 3.0]])
