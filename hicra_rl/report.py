@@ -1042,7 +1042,11 @@ def render_strategy_table(strategy: dict[str, Any]) -> str:
     lines += [f"Bootstrap CI: {strategy['bootstrap']} bootstrap resamples of the seeds (rng seed {strategy['rng_seed']}, "
               "percentile 2.5/97.5), HICRA and GRPO runs of the same seed drawn together when both arms ran the "
               "same seeds (by seed), else each arm resampled on its own (independent). p̄ of the law = mean p̄ "
-              "of the GRPO runs and the HICRA runs of that α."]
+              "of the GRPO runs and the HICRA runs of that α.", "",
+              "Caution: the law holds per prompt, with each prompt's own success rate; at a mean p̄ over prompts of "
+              "different difficulty it can be far off (the prompts that carry the strategy gradient are those the "
+              "strategies separate most). `benchmarks/law_on_model.py` measures the per-prompt law on the policy "
+              "itself (docs/hicra_law.md)."]
     return "\n".join(lines).rstrip() + "\n"
 
 
