@@ -91,8 +91,8 @@ def report(result_dirs: list[Path], out: Path) -> str:
     steps = sorted(tables)
     first, last = steps[0], steps[-1]
     curve = {s: crossed_interval(tables[s]) for s in steps}
-    gain_table = tables[last] - tables[first]
-    gain = crossed_interval(gain_table)
+    gains = {s: crossed_interval(tables[s] - tables[first]) for s in steps}   # paired on problems
+    gain = gains[last]
     per_seed = {d.name: (float(tables[first][i].mean()), float(tables[last][i].mean()))
                 for i, d in enumerate(result_dirs)}
     n_problems = tables[first].shape[1]
@@ -104,13 +104,15 @@ def report(result_dirs: list[Path], out: Path) -> str:
         "problems (none is a training or cold-start problem), k = 4, T = 0.6. 95 % intervals: crossed "
         "bootstrap over seeds and problems.",
         "",
-        "| step | Pass@1 (mean over seeds) | 95 % CI | per seed |",
-        "| --- | --- | --- | --- |",
+        "| step | Pass@1 (mean over seeds) | 95 % CI | gain over step 0, paired on problems (95 % CI) | per seed |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for s in steps:
         m, lo, hi = curve[s]
+        g, glo, ghi = gains[s]
         seeds = ", ".join(f"{v:.3f}" for v in tables[s].mean(axis=1))
-        lines.append(f"| {s} | {m:.3f} | [{lo:.3f}, {hi:.3f}] | {seeds} |")
+        lines.append(f"| {s} | {m:.3f} | [{lo:.3f}, {hi:.3f}] | {g * 100:+.1f} points [{glo * 100:+.1f}, {ghi * 100:+.1f}] "
+                     f"| {seeds} |")
     m, lo, hi = gain
     lines += ["", f"**Gain step {first} → {last}: {m * 100:+.1f} points, 95 % CI [{lo * 100:+.1f}, {hi * 100:+.1f}]** "
               "(paired on problems, seeds and problems resampled together). Per seed: "
@@ -120,14 +122,17 @@ def report(result_dirs: list[Path], out: Path) -> str:
     from hicra_rl.iofiles import write_text_atomic
 
     write_text_atomic(out / "result.md", text)
-    write_json = {"steps": steps, "curve": {str(s): curve[s] for s in steps}, "gain": gain, "per_seed": per_seed,
+    write_json = {"steps": steps, "curve": {str(s): curve[s] for s in steps}, "gain": gain,
+                  "gains": {str(s): gains[s] for s in steps}, "per_seed": per_seed,
                   "n_problems": n_problems, "runs": [d.name for d in result_dirs]}
     (out / "result.json").write_text(json.dumps(write_json, indent=2) + "\n")
-    figure(tables, curve, out / "learning_curve.png")
+    figure(tables, curve, gains, out / "learning_curve.png")
     return text
 
 
-def figure(tables: dict[int, np.ndarray], curve: dict, path: Path) -> None:
+def figure(tables: dict[int, np.ndarray], curve: dict, gains: dict, path: Path) -> None:
+    """Left: Pass@1 by step (its CI mostly reflects which problems were drawn); right: the gain over step 0,
+    paired on problems (the CI of what training changed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,16 +141,24 @@ def figure(tables: dict[int, np.ndarray], curve: dict, path: Path) -> None:
     from hicra_rl.report import save_figure_atomic
 
     steps = sorted(tables)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
     for i in range(tables[steps[0]].shape[0]):
         ax.plot(steps, [tables[s][i].mean() for s in steps], color="tab:blue", alpha=0.3, lw=1)
+        bx.plot(steps, [(tables[s][i] - tables[steps[0]][i]).mean() * 100 for s in steps], color="tab:green",
+                alpha=0.3, lw=1)
     ax.plot(steps, [curve[s][0] for s in steps], color="tab:blue", marker="o", label="mean over seeds")
     ax.fill_between(steps, [curve[s][1] for s in steps], [curve[s][2] for s in steps], color="tab:blue", alpha=0.15,
                     label="95 % CI (seeds x problems)")
-    ax.set_xlabel("training step")
+    bx.plot(steps, [gains[s][0] * 100 for s in steps], color="tab:green", marker="o", label="mean over seeds")
+    bx.fill_between(steps, [gains[s][1] * 100 for s in steps], [gains[s][2] * 100 for s in steps], color="tab:green",
+                    alpha=0.15, label="95 % CI (paired on problems)")
+    bx.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("held-out Pass@1")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    bx.set_ylabel("gain over step 0 (points)")
+    for a in (ax, bx):
+        a.set_xlabel("training step")
+        a.grid(alpha=0.3)
+        a.legend(loc="lower right" if a is ax else "upper left", fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, path)
     plt.close(fig)

@@ -54,6 +54,7 @@ def test_report_gain_is_last_minus_first_paired_on_problems(tmp_path):
     text = lc.report([a, b], tmp_path / "out")
     # step 0: (0 + 0.5 + 0.5 + 0) / 4 = 0.25; step 40: (0.5 + 1 + 1 + 0.5) / 4 = 0.75; gain +50 points
     assert "| 0 | 0.250 |" in text and "| 40 | 0.750 |" in text
+    assert "| +0.0 points [+0.0, +0.0] |" in text and "| +50.0 points [" in text
     assert "Gain step 0 → 40: +50.0 points" in text
     assert "hicra-s0 0.250 → 0.750, hicra-s1 0.250 → 0.750" in text
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
