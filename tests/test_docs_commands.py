@@ -537,8 +537,7 @@ def test_the_extraction_finds_the_docs_commands():
     cmds = all_doc_commands()
     assert len(cmds) >= 150, len(cmds)
     texts = {(c.file, c.text) for c in cmds}
-    assert ("README.md", "hicra-train -m +experiment=compare_cpu trainer.seed=0,1,2 algorithm=hicra,grpo,entropy_reg") \
-        in texts
+    assert ("README.md", "hicra-train -m +experiment=learning_curve trainer.seed=0,1,2") in texts
     entries = {c.entry for c in cmds}
     assert {"config", "eval", "sft", None} <= entries
     files = {c.file for c in cmds}
