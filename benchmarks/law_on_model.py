@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hicra_rl.law import hicra_over_grpo_push
+
 RUNS = Path("runs/law_on_model")
 RESULTS = Path("benchmarks/results/law_on_model")
 COLD_START = os.path.expanduser("~/.cache/hicra-rl/cold_start/smollm2_135m-strat-v1")
@@ -65,11 +67,6 @@ ROLLOUTS = Path("rollouts/step-1.jsonl")   # the dump of the first step (sampled
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
-def law_ratio(alpha: float, p_bar: float) -> float:
-    """docs/hicra_law.md: E[HICRA push] / E[GRPO push] on the decision = 1 + α(1 − 2p̄)."""
-    return 1.0 + alpha * (1.0 - 2.0 * p_bar)
-
-
 def split_halves(group_ids) -> tuple[np.ndarray, np.ndarray]:
     """(half-group, prompt) index of each response: a prompt's G responses, in order, split into two halves of
     G / 2, each an advantage group of its own (as if sampled with G / 2: the samples are independent)."""
@@ -90,7 +87,7 @@ def independent_law_terms(alpha: float, grpo_push: np.ndarray, pbar_other_half: 
     law is the prompt's success rate; p̂' estimates it independently of this half's rewards, so
     Σ terms / Σ push estimates the law's prediction for these prompts without bias (a half's own mean reward
     would be correlated with the push it made)."""
-    return (1.0 + alpha * (1.0 - 2.0 * pbar_other_half)) * grpo_push
+    return hicra_over_grpo_push(alpha, pbar_other_half) * grpo_push
 
 
 def group_pushes(token_adv: np.ndarray, c: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -321,7 +318,7 @@ def measure(args) -> int:
         ann = push_cls[(a, "announcement")]
         law_terms = independent_law_terms(a, ann0, pbar_other)
         grad_rows.append({
-            "alpha": a, "law": law_ratio(a, p_bar),
+            "alpha": a, "law": hicra_over_grpo_push(a, p_bar),
             "law_independent": bootstrap_ratio(per_prompt(law_terms), per_prompt(ann0)),
             "ratio_announcement": bootstrap_ratio(per_prompt(ann), per_prompt(ann0)),
             "ratio_all_tokens": bootstrap_ratio(per_prompt(push[a]), per_prompt(push[0.0])),
@@ -383,7 +380,7 @@ def measure(args) -> int:
 
     step_rows = []
     for a in ALPHAS if steps else ():
-        entry = {"alpha": a, "law": law_ratio(a, p_bar)}
+        entry = {"alpha": a, "law": hicra_over_grpo_push(a, p_bar)}
         for kind in ("sgd", "sgd_clipped", "adamw_first"):   # Σ_b Δℓ(α) / Σ_b Δℓ(0), bootstrap over batches
             entry[kind] = bootstrap_ratio(np.array([s[a][kind] for s in steps]),
                                           np.array([s[0.0][kind] for s in steps]))

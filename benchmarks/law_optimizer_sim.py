@@ -32,6 +32,7 @@ import torch
 
 from hicra_rl.algo.advantages import hicra_step_advantages
 from hicra_rl.algo.losses import PolicyLossConfig, ppo_clip_loss
+from hicra_rl.law import hicra_over_grpo_push
 
 PI0 = (0.30, 0.70)      # (direct, left to right): the better strategy is index 1
 P_SUCCESS = (0.06, 0.36)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     pbar = sum(a * b for a, b in zip(PI0, P_SUCCESS))
     print(f"start π = {PI0}, success = {P_SUCCESS}, p̄ at the start {pbar:.3f}; law at α = {args.alpha}: "
-          f"{1 + args.alpha * (1 - 2 * pbar):.3f} (the gradient ratio at the start)")
+          f"{hicra_over_grpo_push(args.alpha, pbar):.3f} (the gradient ratio at the start)")
     print(f"{args.runs} paired runs × {args.steps} steps of 16 prompts × 4 per cell\n")
     print("| parameters | optimizer | lr | GRPO slope | HICRA slope | HICRA / GRPO ± SE |")
     print("| --- | --- | ---: | ---: | ---: | --- |")

@@ -27,6 +27,7 @@ import numpy as np
 
 from hicra_rl.errors import BadInputError, InputNotFoundError, UserInputError, print_user_error
 from hicra_rl.fmt import fmt_float
+from hicra_rl.law import hicra_over_grpo_push
 from hicra_rl.iofiles import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -918,7 +919,7 @@ def slope_ratio(hicra: list[dict[str, Any]], grpo: list[dict[str, Any]], paired:
     out: dict[str, Any] = {"data": hicra[0]["data"], "arm": hicra[0]["arm"], "alpha": alpha, "paired": paired,
                            "n_hicra": len(h), "n_grpo": len(g), "ratio": None, "ratio_ci": None, "ratio_t_ci": None,
                            "grpo_slope": None, "grpo_slope_ci": None, "pbar": pbar, "note": None,
-                           "prediction": None if alpha is None or pbar is None else 1 + alpha * (1 - 2 * pbar)}
+                           "prediction": None if alpha is None or pbar is None else hicra_over_grpo_push(alpha, pbar)}
     if not h or not g:
         out["note"] = "no slope for one of the arms"
         return out

@@ -1,17 +1,31 @@
 """The pure parts of benchmarks/law_on_model.py, against values computed by hand."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+
+from hicra_rl.law import hicra_over_grpo_push
 
 from tests.benchmark_scripts import load_benchmark
 
 law = load_benchmark("law_on_model.py")
 
 
-def test_law_ratio_is_one_plus_alpha_times_one_minus_two_pbar():
-    assert law.law_ratio(1.0, 0.25) == pytest.approx(1.5)
-    assert law.law_ratio(0.2, 0.25) == pytest.approx(1.1)
-    assert law.law_ratio(1.0, 0.8) == pytest.approx(0.4)
-    assert law.law_ratio(0.2, 0.5) == pytest.approx(1.0)
+def test_law_is_one_plus_alpha_times_one_minus_two_pbar():
+    assert hicra_over_grpo_push(1.0, 0.25) == pytest.approx(1.5)
+    assert hicra_over_grpo_push(0.2, 0.25) == pytest.approx(1.1)
+    assert hicra_over_grpo_push(1.0, 0.8) == pytest.approx(0.4)
+    assert hicra_over_grpo_push(0.2, 0.5) == pytest.approx(1.0)
+    # elementwise, per prompt
+    assert hicra_over_grpo_push(1.0, np.array([0.0, 1.0])).tolist() == pytest.approx([2.0, 0.0])
+
+
+def test_law_module_does_not_import_torch():
+    # hicra-report uses the law and starts without torch
+    out = subprocess.run([sys.executable, "-c", "import sys, hicra_rl.law, hicra_rl.report; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_split_halves_makes_two_groups_of_each_prompt_in_order():
