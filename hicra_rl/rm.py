@@ -5,7 +5,8 @@
 learner's own gradient path (``hicra_rl.learner.reward_model.RewardLearner``: DeepSpeed, micro-batches, global
 normalisers, clipping), reporting held-out pair accuracy before training and after each epoch.  Output: an HF
 ``<Arch>ForSequenceClassification`` folder (``num_labels=1``, ``pad_token_id`` set, the tokenizer beside it),
-written atomically, that ``reward.model`` loads as is.
+written atomically, that ``reward.model`` loads as is.  ``lora.rank`` > 0 trains LoRA adapters on the body and the
+head in full, and saves the merged model (the same folder kind).
 
 ``hicra-rm pairs``: the CPU example's preference pairs, held out by construction: the cold start samples k
 responses per problem (vLLM, the fleet of ``hicra-train``), the verifier marks them, and every problem with
@@ -37,10 +38,12 @@ from hicra_rl.config import (
     ClusterConfig,
     DataConfig,
     EvalDataConfig,
+    LearnerLoraConfig,
     ModelConfig,
     RewardConfig,
     RolloutConfig,
     _check,
+    check_lora_config,
 )
 from hicra_rl.errors import BadInputError, InputExistsError
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
@@ -68,6 +71,9 @@ class RMTrainConfig:
     max_tokens: int = 512                  # prompt + response tokens (longer: the last ones, counted)
     max_minutes: float = 60.0              # stop (and save) when the time budget is spent
     seed: int = 0
+    # LoRA on the model's body (lora.rank > 0; the new scalar head trains in full); the saved reward model has
+    # the adapters merged, so the pool loads it as any other (docs/reward_models.md)
+    lora: LearnerLoraConfig = field(default_factory=LearnerLoraConfig)
 
 
 def validate_rm(cfg: RMTrainConfig) -> None:
@@ -85,6 +91,7 @@ def validate_rm(cfg: RMTrainConfig) -> None:
     _check(cfg.max_tokens >= 2, "max_tokens", f"must be >= 2, got {cfg.max_tokens}")
     _check(cfg.max_minutes > 0, "max_minutes", f"must be > 0, got {cfg.max_minutes}")
     _check(cfg.model.dtype in MODEL_DTYPES, "model.dtype", f"{cfg.model.dtype!r} is not one of {MODEL_DTYPES}")
+    check_lora_config(cfg.lora, "lora")
 
 
 def rm_learner_config(cfg: RMTrainConfig):
@@ -94,7 +101,8 @@ def rm_learner_config(cfg: RMTrainConfig):
 
     return LearnerConfig(zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          warmup_steps=cfg.warmup_steps, scheduler="cosine", min_lr_ratio=0.1,
-                         max_grad_norm=cfg.max_grad_norm, micro_batch_size=2 * cfg.micro_batch_pairs)
+                         max_grad_norm=cfg.max_grad_norm, micro_batch_size=2 * cfg.micro_batch_pairs,
+                         lora=cfg.lora)
 
 
 def encode_pairs(tokenizer, pairs, max_tokens: int, source: str) -> tuple[list[tuple[list[int], list[int]]], int]:

@@ -129,6 +129,23 @@ def test_all_linear_adapts_every_decoder_linear_but_not_the_head():
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
 
 
+def test_all_linear_on_a_reward_model_leaves_its_head_to_train_in_full():
+    """SEQ_CLS (hicra-rm train): the same 14 decoder layers get adapters (4096 parameters, as above); the scalar
+    head [1 x 64] gets none and trains in full as peft's trainable copy, the original frozen beside it."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    classifier = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0))
+    model, layers = add_lora(classifier, LearnerLoraConfig(rank=2, alpha=4.0), task_type="SEQ_CLS")
+    assert len(layers) == 14 and not any("score" in n for n in layers)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == 4096 + 64
+    assert [n for n in trainable if "lora_" not in n] == ["base_model.model.score.modules_to_save.default.weight"]
+    assert not dict(model.named_parameters())["base_model.model.score.original_module.weight"].requires_grad
+
+
 @pytest.mark.parametrize("targets, why", [(["no_such_proj"], "learner.lora.target_modules"),
                                           (["embed_tokens"], "only linear layers")])
 def test_targets_that_are_not_linear_layers_of_the_model_are_refused(targets, why):

@@ -269,6 +269,88 @@ def test_the_checkpoint_loads_in_the_scorer_as_is(trained):
     assert scorer.stats()["reward_model/items"] == 8.0
 
 
+def test_lora_reward_learner_trains_only_the_adapters_and_the_head(tiny_rm):
+    """LoRA rank 2 on q_proj, v_proj of the 2-layer tiny classifier: trainable = 2 layers x 2 modules x
+    (A [2 x 64] + B [out x 2]) + the head [1 x 64]; one step moves exactly those, and only they have AdamW
+    moments."""
+    from learner_fixtures import free_port
+    from transformers import AutoTokenizer
+
+    from hicra_rl.config import LearnerConfig, LearnerLoraConfig
+    from hicra_rl.learner.reward_model import RewardLearner, pair_sequences
+    from hicra_rl.rewards.model import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_rm)
+    enc = [(encode_pair(tok, p["prompt"], p["chosen"], 64)[0], encode_pair(tok, p["prompt"], p["rejected"], 64)[0])
+           for p in separable_pairs(0, 2)]
+    lora = LearnerLoraConfig(rank=2, alpha=4.0, target_modules=["q_proj", "v_proj"])
+    learner = RewardLearner(LearnerConfig(zero_stage=0, lr=1e-2, micro_batch_size=2, max_grad_norm=0.0, lora=lora),
+                            model_path=tiny_rm, master_port=free_port())
+    # q_proj: 64 -> 64; v_proj: 64 -> 2 kv heads x 16 = 32
+    expected = 2 * ((2 * 64 + 64 * 2) + (2 * 64 + 32 * 2)) + 64
+    assert learner.trainable_params == expected
+    module = learner.engine.module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    learner.train_pairs(*pair_sequences(enc, learner.pad_id))
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(".lora_" in n or ".modules_to_save.default." in n for n in moved), sorted(moved)
+    assert "base_model.model.score.modules_to_save.default.weight" in moved   # the head trains in full
+    assert learner.optimizer_state_numel() == 2 * expected
+    # the merged weights: the base model's names; the head is the trained copy
+    merged = learner.full_state_dict()
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_rm, dtype=torch.float32).state_dict()
+    assert set(merged) == set(base)
+    torch.testing.assert_close(merged["score.weight"],
+                               dict(module.named_parameters())["base_model.model.score.modules_to_save.default.weight"])
+    assert not torch.equal(merged["score.weight"], base["score.weight"])
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+    learner.close()
+
+
+def test_hicra_rm_train_with_lora_saves_a_merged_model_the_scorer_loads(tmp_path, tiny_rm):
+    """``hicra-rm train lora.rank=4`` on the separable pairs: held-out pair accuracy 1.0, and the saved folder is
+    a plain sequence classifier (no adapter names) that scores the held-out pairs as the learner measured them."""
+    from safetensors.torch import load_file
+
+    from hicra_rl.rewards.model import RewardModelScorer, check_reward_model_dir
+    from hicra_rl.rm import RMTrainConfig, run_rm_train
+
+    cfg = RMTrainConfig()
+    cfg.model.path = tiny_rm
+    cfg.train_pairs = pairs_file(tmp_path / "train.jsonl", separable_pairs(0, 12))
+    cfg.eval_pairs = pairs_file(tmp_path / "eval.jsonl", separable_pairs(100, 4))
+    cfg.out_dir = str(tmp_path / "rm")
+    cfg.epochs, cfg.batch_pairs, cfg.micro_batch_pairs, cfg.lr, cfg.max_tokens = 4, 4, 2, 1e-2, 64
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MASTER_PORT", raising=False)
+        result = run_rm_train(cfg)
+    assert result["history"][-1]["eval/pair_accuracy"] == 1.0
+    check_reward_model_dir(result["out_dir"])
+    keys = set(load_file(os.path.join(result["out_dir"], "model.safetensors")))
+    assert "score.weight" in keys and not any("lora_" in k or "modules_to_save" in k or "base_layer" in k
+                                              for k in keys)
+    scorer = RewardModelScorer(result["out_dir"], batch_size=3, max_tokens=cfg.max_tokens)
+    held = separable_pairs(100, 4)
+    scores = scorer.score([(p["prompt"], r) for p in held for r in (p["chosen"], p["rejected"])])
+    margins = [scores[2 * k] - scores[2 * k + 1] for k in range(4)]
+    assert sum(margins) / 4 == pytest.approx(result["history"][-1]["eval/margin"], abs=1e-4)
+
+
+def test_bad_rm_lora_settings_are_config_errors():
+    from hicra_rl.rm import RMTrainConfig, validate_rm
+
+    cfg = RMTrainConfig()
+    cfg.lora.rank, cfg.lora.alpha = 4, 0.0
+    with pytest.raises(ConfigError, match="lora.alpha"):
+        validate_rm(cfg)
+
+
 def test_nonfinite_scores_are_reported_never_zero(trained):
     from hicra_rl.rewards.combine import NonFiniteScoresError, combine_rewards
     from hicra_rl.rewards.model import RewardModelScorer

@@ -162,6 +162,8 @@ class PolicyLearner:
     with batches of the same size.
     """
 
+    lora_task_type = "CAUSAL_LM"   # peft's task type of learner.lora (the reward learner: SEQ_CLS)
+
     def __init__(self, cfg: LearnerConfig, *, model_path: str, dtype: str = "float32",
                  loss: PolicyLossConfig | None = None, logits_temperature: float = 1.0, seed: int = 0,
                  total_steps: int | None = None, gradient_checkpointing: bool = False, rank: int = 0,
@@ -209,7 +211,7 @@ class PolicyLearner:
         if cfg.lora.rank > 0:
             from hicra_rl.learner.lora import add_lora
 
-            model, self.lora_layers = add_lora(model, cfg.lora, model_path)
+            model, self.lora_layers = add_lora(model, cfg.lora, model_path, self.lora_task_type)
         self.lora = bool(self.lora_layers)
         self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.lora and rank == 0:

@@ -9,6 +9,10 @@ Rollout engines and checkpoints' ``hf/`` folders get the *merged* weights under 
 ``W + scaling * B @ A`` (``merged_state_dict``), computed in fp32 and cast back to the weights' dtype, so vLLM
 and every HF consumer load a plain model.  ``hicra_rl.learner.engine`` gathers the parameters (ZeRO-3 too); the
 functions here work on plain CPU tensors.
+
+A reward model (``task_type="SEQ_CLS"``, ``hicra-rm train lora.rank=...``) also trains its new scalar head in full:
+peft keeps it in ``modules_to_save`` (a trainable copy ``score.modules_to_save.default`` beside the frozen
+``score.original_module``); the merged weights carry the trained copy as ``score.weight``.
 """
 from __future__ import annotations
 
@@ -30,17 +34,18 @@ class LoraLayerInfo:
     fan_in_fan_out: bool = False   # the base weight is [in x out] (GPT-2's Conv1D): the delta is transposed
 
 
-def peft_config(c, base_model_path: str | None = None):
-    """``learner.lora`` as a ``peft.LoraConfig`` (``["all-linear"]`` is peft's special string)."""
+def peft_config(c, base_model_path: str | None = None, task_type: str = "CAUSAL_LM"):
+    """``learner.lora`` as a ``peft.LoraConfig`` (``["all-linear"]`` is peft's special string).  ``task_type``
+    ``SEQ_CLS`` (a reward model): "all-linear" leaves the head out and peft trains it in full (modules_to_save)."""
     from peft import LoraConfig
 
     targets = list(c.target_modules)
     return LoraConfig(r=int(c.rank), lora_alpha=float(c.alpha), lora_dropout=float(c.dropout),
                       target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none",
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_model_path)
+                      task_type=task_type, base_model_name_or_path=base_model_path)
 
 
-def add_lora(model: torch.nn.Module, c, base_model_path: str | None = None):
+def add_lora(model: torch.nn.Module, c, base_model_path: str | None = None, task_type: str = "CAUSAL_LM"):
     """``model`` wrapped in a ``peft`` LoRA model (base weights frozen); returns (peft model, layer infos by
     the adapted module's name in the base model).  A target that names no module, or one that is not a linear
     layer, is a ``ValueError`` naming ``learner.lora.target_modules``."""
@@ -49,7 +54,7 @@ def add_lora(model: torch.nn.Module, c, base_model_path: str | None = None):
     from peft.tuners.lora import LoraLayer
 
     try:
-        wrapped = get_peft_model(model, peft_config(c, base_model_path))
+        wrapped = get_peft_model(model, peft_config(c, base_model_path, task_type))
     except ValueError as err:
         raise ValueError(f"config error at 'learner.lora.target_modules': {list(c.target_modules)}: {err}") from None
     layers: dict[str, LoraLayerInfo] = {}
@@ -66,14 +71,25 @@ def add_lora(model: torch.nn.Module, c, base_model_path: str | None = None):
     return wrapped, layers
 
 
-def is_adapter_param(name: str) -> bool:
+def is_lora_weight(name: str) -> bool:
+    """A low-rank factor A or B (merged into its layer, never a weight of its own in the HF model)."""
     return ".lora_A." in name or ".lora_B." in name
 
 
+SAVED_COPY = f".modules_to_save.{ADAPTER}."   # peft's trainable copy of a module trained in full (a reward head)
+FROZEN_ORIGINAL = ".original_module."        # ... and the frozen original beside it
+
+
+def is_adapter_param(name: str) -> bool:
+    """What the adapter folder and the optimizer hold: the factors and any module peft trains in full."""
+    return is_lora_weight(name) or SAVED_COPY in name
+
+
 def hf_name(peft_name: str) -> str:
-    """A peft parameter name as the base model's: prefix off, ``.base_layer.`` out."""
+    """A peft parameter name as the base model's: prefix off, ``.base_layer.`` out, a trained full copy under
+    the module's own name."""
     name = peft_name[len(PEFT_PREFIX):] if peft_name.startswith(PEFT_PREFIX) else peft_name
-    return name.replace(".base_layer.", ".")
+    return name.replace(".base_layer.", ".").replace(SAVED_COPY, ".")
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, info: LoraLayerInfo) -> torch.Tensor:
@@ -84,11 +100,11 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, info: LoraLayerInfo) -> torch.T
 
 def merged_state_dict(named: Mapping[str, torch.Tensor], layers: Mapping[str, LoraLayerInfo]) -> dict[str, torch.Tensor]:
     """The policy's weights under the base model's names, adapters merged: ``W + scaling * B @ A`` for every
-    adapted layer (fp32 sum, cast to ``W``'s dtype), every other tensor as it is.  ``named``: the peft
-    model's parameters and buffers by name (CPU tensors)."""
+    adapted layer (fp32 sum, cast to ``W``'s dtype), a module trained in full as its trained copy, every other
+    tensor as it is.  ``named``: the peft model's parameters and buffers by name (CPU tensors)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in named.items():
-        if is_adapter_param(name):
+        if is_lora_weight(name) or FROZEN_ORIGINAL in name:
             continue
         base = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
         module, sep, leaf = base.rpartition(".base_layer.")

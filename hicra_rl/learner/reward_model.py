@@ -56,7 +56,10 @@ def bt_loss_fn(mb: MicroBatch):
 
 class RewardLearner(PolicyLearner):
     """A scalar-head sequence classifier trained through ``PolicyLearner.gradient_step`` (see the module
-    docstring).  ``pad_id`` is the padding id the model pools with (set in its config, saved with it)."""
+    docstring).  ``pad_id`` is the padding id the model pools with (set in its config, saved with it).  With
+    ``lora.rank`` > 0 the body gets adapters and the scalar head trains in full (``hicra_rl.learner.lora``)."""
+
+    lora_task_type = "SEQ_CLS"
 
     def __init__(self, cfg, **kwargs):
         if cfg.micro_batch_tokens or cfg.shared_prefix:
