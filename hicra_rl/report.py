@@ -27,8 +27,8 @@ import numpy as np
 
 from hicra_rl.errors import BadInputError, InputNotFoundError, UserInputError, print_user_error
 from hicra_rl.fmt import fmt_float
-from hicra_rl.law import hicra_over_grpo_push
 from hicra_rl.iofiles import write_text_atomic
+from hicra_rl.law import hicra_over_grpo_push
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from hicra_rl.law import hicra_over_grpo_push
-
 from tests.benchmark_scripts import load_benchmark
 
 law = load_benchmark("law_on_model.py")
