@@ -62,8 +62,9 @@ strategy-grid: install
 
 # RL on a learned reward model, the CPU example (issue 23, docs/reward_models.md): preference pairs of the cold
 # start's right and wrong answers (train-role problems; eval-role pairs held out), a Bradley-Terry reward model
-# trained on them, then 20 RL steps on its reward alone (reward.source=model) and gated by the verifier; held-out
-# verifier Pass@1 every 10 steps. Each stage is skipped when its output exists; ~45 min on 2 cores.
+# trained on them, then 40 RL steps on its reward alone (reward.source=model: does verifier accuracy follow it?) and
+# 20 gated by the verifier (the RM only re-ranks accepted answers); held-out verifier Pass@1 every 10 steps. Each
+# stage is skipped when its output exists; ~45 min on 2 cores once the pairs and the RM exist.
 RM_PAIRS ?= runs/rm_pairs/smollm2_135m-arith
 REWARD_MODEL ?= $(HOME)/.cache/hicra-rl/reward_models/smollm2_135m-arith
 rm-example: install
@@ -72,7 +73,7 @@ rm-example: install
 	test -f $(REWARD_MODEL)/config.json || $(BIN)/hicra-rm train train_pairs=$(RM_PAIRS)/train.jsonl \
 		eval_pairs=$(RM_PAIRS)/eval.jsonl epochs=1 out_dir=$(REWARD_MODEL)
 	$(BIN)/hicra-train +experiment=rm_cpu reward.source=model reward.model=$(REWARD_MODEL)
-	$(BIN)/hicra-train +experiment=rm_cpu reward.source=gated reward.model=$(REWARD_MODEL)
+	$(BIN)/hicra-train +experiment=rm_cpu reward.source=gated reward.model=$(REWARD_MODEL) trainer.total_steps=20
 
 # The CPU image and a 2-step training job in containers (docs/docker.md): docker/compose.yaml's cpu profile, a Ray
 # head and a driver that submits the job; its checkpoint and metrics.jsonl land in runs/docker/hicra-cpu-smoke/.

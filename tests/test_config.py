@@ -381,6 +381,20 @@ def test_comparison_preset_composes_for_every_algorithm(hydra_conf):
         assert not cfg.learner.shared_prefix and cfg.learner.micro_batch_size == 4
 
 
+def test_rm_example_preset_is_the_learning_curve_but_for_the_reward(hydra_conf, tmp_path):
+    """`+experiment=rm_cpu` (make rm-example) must differ from its counterpart, the committed learning curve, only
+    in the reward and the run dir: same seed, steps, prompts, recipe and held-out evaluation."""
+    from dataclasses import asdict
+
+    (tmp_path / "config.json").write_text("{}")
+    curve = asdict(load("+experiment=learning_curve", "trainer.seed=0"))
+    rm = asdict(load("+experiment=rm_cpu", "reward.source=model", f"reward.model={tmp_path}", "trainer.seed=0"))
+    assert rm["trainer"].pop("run_dir") == "runs/rm_cpu/model-s0"
+    curve["trainer"].pop("run_dir")
+    assert (rm.pop("reward")["source"], curve.pop("reward")["source"]) == ("model", "verifier")
+    assert rm == curve and rm["trainer"]["total_steps"] == 40
+
+
 def test_learner_process_env_composes_from_the_cpu_default_and_rejects_bad_names(hydra_conf):
     """cluster.learner_keep_freed_memory: on in the CPU default (glibc's two settings), off in the GPU presets
     and in code; cluster.learner_env adds variables and wins; a name that is no environment variable fails
