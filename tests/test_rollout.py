@@ -194,6 +194,48 @@ def test_weight_sync_of_a_lora_learner_makes_vllm_logprobs_equal_the_learners(en
     assert engine.prompt_logprobs([prompt], [response])[0] == pytest.approx(before, abs=1e-6)
 
 
+def _random_adapter(tiny_model: str, seed: int):
+    """The tiny model with peft LoRA (rank 4, alpha 16, all-linear) whose B factors are drawn (peft starts them at 0)."""
+    from hicra_rl.config import LearnerLoraConfig
+    from hicra_rl.learner.lora import add_lora
+
+    wrapped, _ = add_lora(_hf_model(tiny_model), LearnerLoraConfig(rank=4, alpha=16.0), tiny_model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return wrapped.eval()
+
+
+@pytest.mark.slow
+def test_vllm_lora_path_serves_the_adapters_the_engine_was_given(engine, tiny_model, tmp_path):
+    """vLLM's own LoRA path (max_lora_rank > 0, load_adapter): the engine's log-probs are peft's own with the
+    adapters on (< 1e-3); a second adapter replaces the first (one id left in vLLM); samples carry the adapted
+    policy's log-probs; an engine started without the path refuses adapters."""
+    prompt, response = PROMPTS[0], [19556, 905, 33, 34, 27, 39, 45, 33, 41, EOS]
+    with pytest.raises(RuntimeError, match="max_lora_rank=0"):
+        engine.load_adapter(str(tmp_path))
+    lora_engine = VLLMRolloutEngine(tiny_model, dtype="float32", max_model_len=256, seed=0, kv_cache_gib=1,
+                                    cpu_threads=2, max_lora_rank=8)
+    try:
+        base = lora_engine.prompt_logprobs([prompt], [response])[0]
+        assert base == pytest.approx(engine.prompt_logprobs([prompt], [response])[0], abs=1e-5)
+        for k, seed in enumerate((1, 2)):
+            adapted = _random_adapter(tiny_model, seed)
+            adapted.save_pretrained(tmp_path / f"adapter-{k}")
+            assert lora_engine.load_adapter(str(tmp_path / f"adapter-{k}")) >= 0.0
+            got = lora_engine.prompt_logprobs([prompt], [response])[0]
+            expected = hf_logprobs(adapted, prompt, response)
+            assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-3
+            assert max(abs(a - b) for a, b in zip(got, base)) > 1e-2   # the adapters do change the policy
+            assert lora_engine.llm.llm_engine.list_loras() == {k + 1}
+        sample = lora_engine.generate([prompt], n=1, temperature=1.0, max_tokens=8, seed=3)[0]
+        assert sample.logprobs == pytest.approx(hf_logprobs(adapted, prompt, sample.token_ids), abs=1e-3)
+    finally:
+        lora_engine.close()
+
+
 @pytest.mark.slow
 def test_weight_sync_without_lm_head_still_ties_it(engine, tiny_model):
     """A state dict without lm_head.weight (tied models may omit it) must still update the output layer."""

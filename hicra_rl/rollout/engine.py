@@ -164,8 +164,11 @@ class VLLMRolloutEngine:
         enforce_eager: bool | None = None,
         logprobs_mode: str = "raw_logprobs",
         weight_transport: str = "shm_file",
+        max_lora_rank: int = 0,
         engine_kwargs: Mapping | None = None,
     ) -> None:
+        """``max_lora_rank`` > 0 turns on vLLM's own LoRA path (``enable_lora``, one adapter at a time): the policy
+        is then the base model plus the peft adapter folder last given to ``load_adapter``."""
         if logprobs_mode not in _LOGPROB_MODES:
             raise ValueError(f"logprobs_mode must be one of {_LOGPROB_MODES}, got {logprobs_mode!r}")
         weight_sync.check_transport(weight_transport)
@@ -206,6 +209,9 @@ class VLLMRolloutEngine:
             # max_num_batched_tokens.  Whole-prompt prefills avoid that path.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+        if max_lora_rank:
+            # room for the next adapter beside the one in use (load_adapter removes the old one after)
+            kwargs.update(enable_lora=True, max_lora_rank=int(max_lora_rank), max_loras=1, max_cpu_loras=2)
         kwargs.update(engine_kwargs or {})
         shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         children_before = set(_child_pids())
@@ -218,6 +224,9 @@ class VLLMRolloutEngine:
         self._engine_pids = set(_child_pids()) - children_before
         self._shm_files = self._engine_shm_files()
         self.sync_history: list[weight_sync.SyncStats] = []
+        self.lora_enabled = bool(max_lora_rank)
+        self._adapter = None        # the LoRARequest every call samples with (vLLM's LoRA path), or None
+        self._adapter_ids = 0
 
     # ------------------------------------------------------------------ sampling
     def generate(
@@ -256,7 +265,7 @@ class VLLMRolloutEngine:
             for s in seeds
         ]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False, lora_request=self._adapter
         )
         responses: list[SampledResponse] = []
         for group, out in enumerate(outputs):
@@ -292,7 +301,8 @@ class VLLMRolloutEngine:
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False,
+                                    lora_request=self._adapter)
         result = []
         for p, r, ids, out in zip(prompt_ids, response_ids, full, outputs):
             steps = out.prompt_logprobs[len(p):]
@@ -313,6 +323,25 @@ class VLLMRolloutEngine:
         stats = weight_sync.push_state_dict(self.llm, state_dict, transport=self.weight_transport)
         self.sync_history.append(stats)
         return stats
+
+    def load_adapter(self, path: str) -> float:
+        """vLLM's LoRA path: the peft adapter folder at ``path`` (written by ``save_pretrained``) becomes the
+        policy of every later call, under a new adapter id (vLLM caches adapters by id); the previous adapter is
+        removed.  Returns the seconds the engine took to load it."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled:
+            raise RuntimeError("this engine was started without vLLM's LoRA path (max_lora_rank=0)")
+        self._adapter_ids += 1
+        request = LoRARequest(f"policy-{self._adapter_ids}", self._adapter_ids, str(path))
+        t0 = time.perf_counter()
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter at {path}")
+        seconds = time.perf_counter() - t0
+        previous, self._adapter = self._adapter, request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        return seconds
 
     def join_weight_group(
         self, host: str, port: int, world_size: int, *, rank_offset: int = 1, backend: str = "gloo",
