@@ -31,7 +31,7 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, seed: int, tensor_parallel_size: int,
                  gpu_memory_utilization: float, kv_cache_gib: float | None, cpu_threads: str | None,
-                 enforce_eager: bool, logprobs_mode: str = "raw_logprobs"):
+                 enforce_eager: bool, logprobs_mode: str = "raw_logprobs", max_lora_rank: int = 0):
         from hicra_rl.rollout.engine import VLLMRolloutEngine
 
         self.engine = VLLMRolloutEngine(
@@ -39,6 +39,7 @@ class RolloutWorker:
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_gib=None if kv_cache_gib is None else max(1, int(kv_cache_gib)),
             cpu_threads=cpu_threads, enforce_eager=enforce_eager, logprobs_mode=logprobs_mode,
+            max_lora_rank=max_lora_rank,
         )
 
     def ready(self) -> float:
@@ -131,12 +132,22 @@ class LearnerWorker:
         stats = self.learner.update(batch)
         return stats, self.learner.forward_log_probs, self.learner.forward_entropy
 
-    def publish_weights(self):
+    def publish_weights(self, adapters_only: bool = False):
         """Collective (ZeRO-3 gathers on every rank).  Rank 0: transport ``shm_file`` writes the file and
         returns its handle; transport ``broadcast`` keeps the weights for ``send_weights`` and returns the
-        manifest the rollout workers receive by."""
-        from hicra_rl.rollout.weight_sync import publish_state_dict
+        manifest the rollout workers receive by; ``adapters_only`` (transport ``lora_adapter``) writes the LoRA
+        adapters as a peft folder and returns its handle."""
+        from hicra_rl.rollout.weight_sync import publish_adapter, publish_state_dict
 
+        if adapters_only:
+            adapters = self.learner.adapter_state_dict()   # collective (ZeRO-3 gathers); {} off rank 0
+            if self.rank != 0:
+                return None
+            module = self.learner.engine.module   # the peft model: writes adapter_config.json beside the tensors
+            handle = publish_adapter(lambda folder: module.save_pretrained(folder, state_dict=adapters), len(adapters),
+                                     sum(t.numel() * t.element_size() for t in adapters.values()))
+            self._published[handle.path] = handle
+            return handle
         state = self.learner.full_state_dict()
         if self.rank != 0:
             return None
@@ -167,7 +178,7 @@ class LearnerWorker:
     def release_weights(self, handle) -> None:
         from hicra_rl.rollout.weight_sync import release
 
-        if handle.transport == "shm_file":
+        if handle.transport in ("shm_file", "lora_adapter"):
             release(handle)
             self._published.pop(handle.path, None)
 

@@ -123,7 +123,9 @@ class RolloutConfig:
     cpu_threads: Optional[str] = "all"
     enforce_eager: bool = True
     # shm_file: a safetensors file in /dev/shm (learner rank 0 and all rollout workers on one node);
-    # broadcast: a process group of learner rank 0 and every vLLM worker (NCCL on GPU, gloo on CPU)
+    # broadcast: a process group of learner rank 0 and every vLLM worker (NCCL on GPU, gloo on CPU);
+    # lora_adapter: with learner.lora.rank > 0, only the adapters, as a peft folder in /dev/shm, applied by vLLM's
+    # own LoRA path (one node; docs/lora.md measures it against the merged weights shm_file sends)
     weight_transport: str = "shm_file"
     # the log-prob vLLM reports for each sampled token: processed_logprobs = of the distribution sampled from
     # (after temperature; the learner divides its logits by the same temperature, so the two agree at any T
@@ -462,6 +464,17 @@ DATA_SOURCES = ("reasoning_gym", "gsm8k", "math500", "dapo_math_17k", "deepscale
                 "disk", "hub")
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the max_lora_rank values vLLM accepts
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds adapters of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"vLLM's LoRA path holds ranks up to {VLLM_LORA_RANKS[-1]}, got {rank}")
+
+
 def validate(cfg: TrainConfig) -> None:
     a, r, l, t, c = cfg.algorithm, cfg.rollout, cfg.learner, cfg.trainer, cfg.cluster
     _check(a.name in ALGORITHMS, "algorithm.name", f"{a.name!r} is not one of {ALGORITHMS}")
@@ -539,8 +552,14 @@ def validate(cfg: TrainConfig) -> None:
                "a strategy needs a non-empty name other than 'none' (the share of responses announcing no strategy)")
         _check(isinstance(phrase, str) and phrase.strip() != "", f"data.strategies.{name}",
                f"must be the non-empty phrase that announces the strategy, got {phrase!r}")
-    _check(r.weight_transport in ("shm_file", "broadcast"), "rollout.weight_transport",
-           f"must be shm_file or broadcast, got {r.weight_transport!r}")
+    _check(r.weight_transport in ("shm_file", "broadcast", "lora_adapter"), "rollout.weight_transport",
+           f"must be shm_file, broadcast or lora_adapter, got {r.weight_transport!r}")
+    if r.weight_transport == "lora_adapter":
+        _check(l.lora.rank > 0, "rollout.weight_transport",
+               "lora_adapter sends the LoRA adapters to vLLM: it needs learner.lora.rank > 0")
+        _check(l.lora.rank <= VLLM_LORA_RANKS[-1], "learner.lora.rank",
+               f"vLLM's LoRA path (rollout.weight_transport=lora_adapter) holds ranks up to {VLLM_LORA_RANKS[-1]}, "
+               f"got {l.lora.rank}")
     _check(r.logprobs_mode in ("processed_logprobs", "raw_logprobs"), "rollout.logprobs_mode",
            f"must be processed_logprobs or raw_logprobs, got {r.logprobs_mode!r}")
     _check(a.rollout_correction == "none" or r.logprobs_mode == "processed_logprobs" or r.temperature == 1.0,

@@ -31,7 +31,14 @@ import torch
 from hicra_rl import leftovers
 from hicra_rl.algo import hicra_step_advantages
 from hicra_rl.batch import RolloutBatch, pad_ragged
-from hicra_rl.config import TrainConfig, as_plain_dict, learner_process_env, lexicon_path, policy_loss_config
+from hicra_rl.config import (
+    TrainConfig,
+    as_plain_dict,
+    learner_process_env,
+    lexicon_path,
+    policy_loss_config,
+    vllm_max_lora_rank,
+)
 from hicra_rl.evaluation import evaluate
 from hicra_rl.fmt import fmt_float
 from hicra_rl.iofiles import write_json_atomic, write_text_atomic
@@ -222,9 +229,11 @@ class Trainer:
 
         bundles = {f"learner{i}": {"CPU": cl.cpus_per_actor, "GPU": cl.gpus_per_learner} for i in range(lc.num_ranks)}
         bundles["metrics"] = {"CPU": 0.25}
+        adapters_only = cfg.rollout.weight_transport == "lora_adapter"   # vLLM's LoRA path (docs/lora.md)
         session = self.session = FleetSession(
             model_path=self.model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout, reward_cfg=cfg.reward,
-            cluster_cfg=cl, seed=cfg.trainer.seed, extra_bundles=bundles).__enter__()
+            cluster_cfg=cl, seed=cfg.trainer.seed, extra_bundles=bundles,
+            max_lora_rank=vllm_max_lora_rank(lc.lora.rank) if adapters_only else 0).__enter__()
         self.fleet = session.fleet
         self.fleet.after_rollout_restart = self._after_rollout_restart
         if cfg.rollout.staleness > 0 and cfg.algorithm.rollout_correction == "none":
@@ -236,7 +245,8 @@ class Trainer:
                  for i in range(lc.num_ranks)]
         # staleness 1: the last sync's weights stay published (one copy) for a rollout worker restarted
         # while the next step's generation overlaps the update (LearnerGroup's docstring)
-        self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device, keep_fleet_weights=cfg.rollout.staleness > 0)
+        self.learners = LearnerGroup(ranks, cl.step_timeout_s, cl.device, keep_fleet_weights=cfg.rollout.staleness > 0,
+                                     adapters_only=adapters_only)
         timeout = cl.actor_start_timeout_s
         addr, port = cluster.bounded_get(ranks[0].address.remote(), timeout, "learner rank 0 (address)")
         learner_kwargs = dict(

@@ -182,10 +182,12 @@ class LearnerGroup:
     publishes the current weights and returns their version: ``Fleet.generate`` stamps the restarted
     worker's rows with it, so a mixed batch is at least recorded truthfully."""
 
-    def __init__(self, learners: list, timeout_s: float, device: str = "cpu", keep_fleet_weights: bool = False):
+    def __init__(self, learners: list, timeout_s: float, device: str = "cpu", keep_fleet_weights: bool = False,
+                 adapters_only: bool = False):
         import threading
 
         self.learners, self.timeout_s, self.device = learners, timeout_s, device
+        self.adapters_only = adapters_only  # transport lora_adapter: syncs send the LoRA adapters, not merged weights
         # one call at a time: a weight sync for a restarted rollout worker (the off-policy generation
         # thread) must not interleave its per-rank submissions with the update's (ranks would run
         # their collectives in different orders)
@@ -265,14 +267,15 @@ class LearnerGroup:
         everyone = workers is None
         if everyone:  # no generation runs during a fleet-wide sync: the previous fleet weights are done with
             self._drop_kept()
-        handle = self._get([w.publish_weights.remote() for w in self.learners], "learner ranks (gather weights)")[0]
+        handle = self._get([w.publish_weights.remote(self.adapters_only) for w in self.learners],
+                           "learner ranks (gather weights)")[0]
         targets = fleet.rollouts if everyone else workers
         try:
             stats = self._send(fleet, handle, targets)
         except BaseException:
             self._release(handle)
             raise
-        if everyone and self.keep_fleet_weights and handle.transport == "shm_file":
+        if everyone and self.keep_fleet_weights and handle.transport in ("shm_file", "lora_adapter"):
             with self._kept_lock:
                 self._kept = (self.version, handle)
         else:
@@ -385,8 +388,9 @@ class FleetSession:
     trainer's ``LearnerGroup.restore_weights``) before it generates again."""
 
     def __init__(self, *, model_path: str, model_cfg, rollout_cfg, reward_cfg, cluster_cfg, seed: int,
-                 extra_bundles: dict[str, dict[str, float]] | None = None):
+                 extra_bundles: dict[str, dict[str, float]] | None = None, max_lora_rank: int = 0):
         self.model_path, self.model_cfg, self.rollout_cfg = model_path, model_cfg, rollout_cfg
+        self.max_lora_rank = max_lora_rank  # > 0: engines with vLLM's LoRA path (transport lora_adapter)
         self.reward_cfg, self.cluster_cfg, self.seed = reward_cfg, cluster_cfg, seed
         self.bundles = {**(extra_bundles or {}), **fleet_bundles(rollout_cfg, reward_cfg, cluster_cfg)}
         self.actors: dict[str, Any] = {}
@@ -425,7 +429,8 @@ class FleetSession:
                                tensor_parallel_size=r.tensor_parallel_size,
                                gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
                                cpu_threads=r.cpu_threads, enforce_eager=r.enforce_eager,
-                               logprobs_mode=r.logprobs_mode, _max_concurrency=2)
+                               logprobs_mode=r.logprobs_mode, max_lora_rank=self.max_lora_rank,
+                               _max_concurrency=2)
                     for i in range(r.num_workers)]
         shaping = verifier_shaping(self.reward_cfg, r.max_new_tokens)
         verifiers = [self.start(f"verifier{i}", VerifierWorker, self.reward_cfg.timeout_s,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -45,16 +46,21 @@ def forget(run_dir: str | os.PathLike) -> None:
 
 def remove_weight_files(pids: set[int]) -> list[str]:
     """Delete the weight files (``publish_state_dict``: ``hicra_weights_<pid>_<uuid>.safetensors`` and its
-    ``.tmp``) written by the processes ``pids``; returns the deleted paths."""
+    ``.tmp``) and adapter folders (``publish_adapter``: ``....adapter``) written by the processes ``pids``; returns
+    the deleted paths."""
     from hicra_rl.rollout.weight_sync import SHM_FILE_PREFIX, default_shm_dir
 
     directory, removed = default_shm_dir(), []
     for name in os.listdir(directory):
         pid = name[len(SHM_FILE_PREFIX):].split("_")[0] if name.startswith(SHM_FILE_PREFIX) else ""
         if pid.isdigit() and int(pid) in pids:
+            path = os.path.join(directory, name)
             try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
+                if os.path.isdir(path):   # an adapter folder (transport lora_adapter)
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed.append(path)
             except FileNotFoundError:
                 pass
     return removed

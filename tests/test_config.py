@@ -381,6 +381,23 @@ def test_comparison_preset_composes_for_every_algorithm(hydra_conf):
         assert not cfg.learner.shared_prefix and cfg.learner.micro_batch_size == 4
 
 
+def test_lora_adapter_transport_needs_a_lora_learner_and_picks_vllms_rank(hydra_conf):
+    from hicra_rl.config import validate, vllm_max_lora_rank
+
+    with pytest.raises(ConfigError, match="config error at 'rollout.weight_transport': lora_adapter sends the LoRA"):
+        load("rollout.weight_transport=lora_adapter")
+    cfg = load("rollout.weight_transport=lora_adapter", "learner.lora.rank=16")
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"config error at 'learner.lora.rank': vLLM's LoRA path \(rollout.weight_transport=lora_adapter\) holds ranks up to 512, got 600"):
+        load("rollout.weight_transport=lora_adapter", "learner.lora.rank=600")
+    with pytest.raises(ConfigError, match="must be shm_file, broadcast or lora_adapter"):
+        load("rollout.weight_transport=adapters")
+    # vLLM accepts max_lora_rank in {1, 8, 16, 32, 64, 128, 256, 320, 512}: the smallest that holds the rank
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 300, 321, 512)] == [1, 8, 8, 16, 16, 32, 320, 512, 512]
+    with pytest.raises(ValueError):
+        vllm_max_lora_rank(513)
+
+
 def test_rm_example_preset_is_the_learning_curve_but_for_the_reward(hydra_conf, tmp_path):
     """`+experiment=rm_cpu` (make rm-example) must differ from its counterpart, the committed learning curve, only
     in the reward and the run dir: same seed, steps, prompts, recipe and held-out evaluation."""

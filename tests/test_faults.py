@@ -331,7 +331,7 @@ class ToyLearner:
         finally:
             os.remove(os.path.join(self.flags, "updating"))
 
-    def publish_weights(self):
+    def publish_weights(self, adapters_only=False):
         import uuid
 
         from hicra_rl.rollout.weight_sync import WeightHandle

@@ -1,6 +1,7 @@
 """``hicra_rl.leftovers``: the processes a SIGKILLed driver leaves are stopped by the next start, and only
 those (a recycled pid is left alone; a live run in the same directory is refused)."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -74,3 +75,46 @@ def test_the_weight_files_of_killed_learner_processes_are_removed(tmp_path, monk
     removed = leftovers.remove_weight_files({4242})
     assert sorted(removed) == sorted(str(tmp_path / n) for n in names[:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+def test_the_adapter_folders_of_killed_learner_processes_are_removed(tmp_path, monkeypatch):
+    """Transport lora_adapter publishes folders ``hicra_weights_<pid>_<uuid>.adapter`` (and ``.adapter.tmp`` while
+    writing): a killed pid's go with their contents."""
+    from hicra_rl.rollout import weight_sync
+
+    monkeypatch.setattr(weight_sync, "default_shm_dir", lambda: str(tmp_path))
+    for name in ("hicra_weights_4242_ab.adapter", "hicra_weights_4242_cd.adapter.tmp", "hicra_weights_7_ef.adapter"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"x")
+    removed = leftovers.remove_weight_files({4242})
+    assert sorted(removed) == [str(tmp_path / "hicra_weights_4242_ab.adapter"),
+                               str(tmp_path / "hicra_weights_4242_cd.adapter.tmp")]
+    assert [p.name for p in tmp_path.iterdir()] == ["hicra_weights_7_ef.adapter"]
+
+
+def test_publish_adapter_renames_a_whole_folder_into_place_and_release_removes_it(tmp_path):
+    from hicra_rl.rollout import weight_sync
+
+    seen = []
+
+    def save(folder):
+        seen.append(os.path.exists(folder.removesuffix(".tmp")))   # the final name appears only after the write
+        os.makedirs(folder)
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            f.write("{}")
+
+    handle = weight_sync.publish_adapter(save, num_tensors=3, nbytes=120, directory=str(tmp_path))
+    assert seen == [False] and handle.transport == "lora_adapter" and (handle.num_tensors, handle.nbytes) == (3, 120)
+    assert os.path.basename(handle.path).startswith(f"hicra_weights_{os.getpid()}_") and handle.path.endswith(".adapter")
+    assert os.listdir(handle.path) == ["adapter_config.json"] and os.listdir(tmp_path) == [os.path.basename(handle.path)]
+    weight_sync.release(handle)
+    weight_sync.release(handle)   # idempotent
+    assert os.listdir(tmp_path) == []
+
+    def fails(folder):
+        os.makedirs(folder)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        weight_sync.publish_adapter(fails, 1, 1, directory=str(tmp_path))
+    assert os.listdir(tmp_path) == []   # no half-written folder left

