@@ -52,6 +52,25 @@ def gain_rows(tables: dict[int, np.ndarray]) -> list[dict]:
     return out
 
 
+def above_gold_share(eval_path: Path) -> float | None:
+    """Share of the evaluation's numeric answers larger than the gold answer (what a reward model that pays for
+    big numbers would push up; the cold start's share is the baseline)."""
+    above = total = 0
+    for row in json.loads(eval_path.read_text())["rows"]:
+        try:
+            gold = float(row["answer"])
+        except (TypeError, ValueError):
+            continue
+        for extracted in row.get("extracted", []):
+            try:
+                value = float(extracted)
+            except (TypeError, ValueError):
+                continue
+            total += 1
+            above += value > gold
+    return above / total if total else None
+
+
 def training_blocks(metrics_path: Path, block: int = 10) -> list[dict]:
     """Means of TRAINING_KEYS over steps 1..block, block+1..2 block, ... (keys a run does not log: None)."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -91,17 +110,22 @@ def report(run_dirs: list[Path], out: Path) -> str:
         same_seed = VERIFIER / f"hicra-s{seed}"
         others = [d for d in verifier_dirs if d != same_seed]
         rows = gain_rows(eval_tables([run, same_seed, *others]))
+        for r in rows:
+            r["above_gold"] = above_gold_share(run / f"eval-step{r['step']}.json")
+            r["verifier_above_gold"] = above_gold_share(same_seed / f"eval-step{r['step']}.json")
         blocks = training_blocks(run / "metrics.jsonl")
         verifier_blocks = training_blocks(same_seed / "metrics.jsonl")
         result[run.name] = {"source": source, "seed": seed, "reward_model": config["reward"]["model"],
                             "evaluation": rows, "training": blocks, "verifier_training": verifier_blocks}
         lines += [f"## `reward.source={source}`, seed {seed}", "",
                   "| step | Pass@1 | gain (points) | verifier, same seed | verifier, all seeds (per seed) | "
-                  "difference vs same seed |", "| --- | --- | --- | --- | --- | --- |"]
+                  "difference vs same seed | answers above the gold (verifier run) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             per_seed = ", ".join(f"{g * 100:+.1f}" for g in r["verifier_gains_per_seed"])
             lines.append(f"| {r['step']} | {r['pass1']:.3f} | {_pts(r['gain'])} | {_pts(r['verifier_gain_same_seed'])}"
-                         f" | {_pts(r['verifier_gain_all_seeds'])} ({per_seed}) | {_pts(r['difference'])} |")
+                         f" | {_pts(r['verifier_gain_all_seeds'])} ({per_seed}) | {_pts(r['difference'])} | "
+                         f"{_num(r['above_gold'])} ({_num(r['verifier_above_gold'])}) |")
         lines += ["", "Training (means over blocks of steps; verifier-reward run of the same seed in brackets):", "",
                   "| steps | verifier accuracy of the samples | reward mean | model score mean | "
                   "model–verifier agreement | response length |", "| --- | --- | --- | --- | --- | --- |"]

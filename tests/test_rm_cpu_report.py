@@ -34,3 +34,12 @@ def test_training_blocks_average_blocks_of_steps_and_leave_missing_keys_empty(tm
     assert second["steps"] == "11-20" and second["reward/accuracy"] == pytest.approx(0.115)
     assert second["response/length_mean"] == pytest.approx(51.5)
     assert first["reward/model_mean"] is None
+
+
+def test_above_gold_share_counts_numeric_answers_over_the_gold(tmp_path):
+    path = tmp_path / "eval-step10.json"
+    rows = [{"answer": "12", "extracted": ["13", "12", "-40"]},       # 1 of 3 above
+            {"answer": "-5", "extracted": ["0", None, "abc"]},        # 1 of 1 numeric above
+            {"answer": "n/a", "extracted": ["7"]}]                    # gold not a number: left out
+    path.write_text(json.dumps({"metrics": {}, "rows": rows}))
+    assert rm_report.above_gold_share(path) == pytest.approx(2 / 4)
