@@ -37,12 +37,13 @@ def training_prompts(model_path: str, n: int) -> list[list[int]]:
     from hydra import compose, initialize_config_dir
     from transformers import AutoTokenizer
 
-    from hicra_rl.config import to_schema
+    from hicra_rl.config import register_configs, to_schema
     from hicra_rl.data.setup import load_prompts
 
+    register_configs()
     with initialize_config_dir(config_dir=str(HERE.parent / "conf"), version_base=None):
         cfg = to_schema(compose(config_name="config"))
-    _, prompts = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path), seed=0)
+    _, prompts = load_prompts(cfg.data, AutoTokenizer.from_pretrained(model_path), seed=cfg.trainer.seed, role="train")
     return [list(p.token_ids) for p in prompts.prompts[:n]]
 
 
