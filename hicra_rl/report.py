@@ -870,6 +870,15 @@ def arm_summary(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, Any]:
             "final_pass1": final["mean"]}
 
 
+def common_seeds(a: list[Run], b: list[Run]) -> set[int] | None:
+    """The seeds both arms ran, when each arm ran distinct seeds (each once); None otherwise (unknown or repeated
+    seeds: no pairing)."""
+    sa, sb = [r.seed for r in a], [r.seed for r in b]
+    if None in sa or None in sb or len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
+        return None
+    return set(sa) & set(sb)
+
+
 def same_seeds(a: list[Run], b: list[Run]) -> bool:
     """True when both arms ran the same distinct seeds (each once): then their runs are paired by seed."""
     sa, sb = [r.seed for r in a], [r.seed for r in b]
@@ -970,8 +979,14 @@ def data_strategy_summary(data: str | None, arms: list[list[Run]], better: str |
     grpo = next((a for a in arms if a[0].algorithm == BASELINE), None)
     for a in arms:
         if a[0].algorithm == HICRA and grpo is not None:
-            entry["ratios"].append(slope_ratio(rows[a[0].arm], rows[grpo[0].arm], same_seeds(a, grpo), n_boot,
-                                               rng_seed))
+            hicra_rows, grpo_rows, paired = rows[a[0].arm], rows[grpo[0].arm], same_seeds(a, grpo)
+            common = common_seeds(a, grpo)
+            if not paired and common is not None and len(common) >= 2:
+                # one arm ran extra seeds: compare on the seeds both ran, paired (a seed fixes the prompt order)
+                hicra_rows = [r for r in hicra_rows if r["seed"] in common]
+                grpo_rows = [r for r in grpo_rows if r["seed"] in common]
+                paired = True
+            entry["ratios"].append(slope_ratio(hicra_rows, grpo_rows, paired, n_boot, rng_seed))
     return entry
 
 

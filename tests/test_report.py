@@ -443,6 +443,21 @@ def test_slopes_ratio_and_law_prediction(strategy_built):
     assert "| strat_hard | 0.20 | 3 vs 3 (by seed) |" in table and "| 1.600 | [+1.600, +1.600] | [+1.600, +1.600] | 0.300 | 1.080 |" in table
 
 
+def test_an_arm_with_extra_seeds_is_compared_on_the_common_seeds_paired(tmp_path):
+    """GRPO ran seeds 0-3, HICRA seeds 0-2: the ratio uses seeds 0-2 of both, paired by seed (GRPO seed 3,
+    slope 0.5, would move an unpaired mean ratio from 1.6 to 1.6 x 0.1 / 0.2 = 0.8)."""
+    slopes = {**GRPO_SLOPES, 3: 0.5}
+    for seed, g in slopes.items():
+        make_strategy_run(tmp_path, "strat_hard", "grpo", 0.0, seed, g)
+        if seed in GRPO_SLOPES:
+            make_strategy_run(tmp_path, "strat_hard", "hicra", 0.2, seed, 1.6 * g)
+    summary = report.build_report([str(tmp_path)], tmp_path / "report", n_boot=200)
+    (q,) = by_data(summary, "strat_hard")["ratios"]
+    assert q["paired"] and (q["n_hicra"], q["n_grpo"]) == (3, 3)
+    assert q["ratio"] == pytest.approx(1.6) and q["ratio_ci"] == pytest.approx([1.6, 1.6])
+    assert q["ratio_t_ci"] == pytest.approx([1.6, 1.6])
+
+
 def test_undistinguishable_grpo_slope_gives_no_ratio(strategy_built):
     root, summary = strategy_built
     easy = by_data(summary, "strat_easy")
