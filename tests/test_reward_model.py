@@ -221,18 +221,26 @@ def test_bt_through_gradient_step_equals_a_direct_computation(tiny_rm, monkeypat
     learner.close()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_rm):
-    """``hicra-rm train`` (in process) on 12 separable pairs, held out: 4 pairs of other questions."""
-    from hicra_rl.rm import RMTrainConfig, run_rm_train
+def separable_rm_config(root, tiny_rm: str, lr: float):
+    """``hicra-rm train``'s config for 12 separable training pairs and 4 held-out ones (other questions) in ``root``:
+    4 epochs of 3 steps (4 pairs a step, 2 a micro-batch)."""
+    from hicra_rl.rm import RMTrainConfig
 
-    root = tmp_path_factory.mktemp("rm-train")
     cfg = RMTrainConfig()
     cfg.model.path = tiny_rm
     cfg.train_pairs = pairs_file(root / "train.jsonl", separable_pairs(0, 12))
     cfg.eval_pairs = pairs_file(root / "eval.jsonl", separable_pairs(100, 4))
     cfg.out_dir = str(root / "rm")
-    cfg.epochs, cfg.batch_pairs, cfg.micro_batch_pairs, cfg.lr, cfg.max_tokens = 4, 4, 2, 3e-3, 64
+    cfg.epochs, cfg.batch_pairs, cfg.micro_batch_pairs, cfg.lr, cfg.max_tokens = 4, 4, 2, lr, 64
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_rm):
+    """``hicra-rm train`` (in process) on 12 separable pairs, held out: 4 pairs of other questions."""
+    from hicra_rl.rm import run_rm_train
+
+    cfg = separable_rm_config(tmp_path_factory.mktemp("rm-train"), tiny_rm, lr=3e-3)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MASTER_PORT", raising=False)
         result = run_rm_train(cfg)
@@ -318,14 +326,9 @@ def test_hicra_rm_train_with_lora_saves_a_merged_model_the_scorer_loads(tmp_path
     from safetensors.torch import load_file
 
     from hicra_rl.rewards.model import RewardModelScorer, check_reward_model_dir
-    from hicra_rl.rm import RMTrainConfig, run_rm_train
+    from hicra_rl.rm import run_rm_train
 
-    cfg = RMTrainConfig()
-    cfg.model.path = tiny_rm
-    cfg.train_pairs = pairs_file(tmp_path / "train.jsonl", separable_pairs(0, 12))
-    cfg.eval_pairs = pairs_file(tmp_path / "eval.jsonl", separable_pairs(100, 4))
-    cfg.out_dir = str(tmp_path / "rm")
-    cfg.epochs, cfg.batch_pairs, cfg.micro_batch_pairs, cfg.lr, cfg.max_tokens = 4, 4, 2, 1e-2, 64
+    cfg = separable_rm_config(tmp_path, tiny_rm, lr=1e-2)
     cfg.lora.rank, cfg.lora.alpha = 4, 8.0
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MASTER_PORT", raising=False)
