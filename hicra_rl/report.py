@@ -879,12 +879,6 @@ def common_seeds(a: list[Run], b: list[Run]) -> set[int] | None:
     return set(sa) & set(sb)
 
 
-def same_seeds(a: list[Run], b: list[Run]) -> bool:
-    """True when both arms ran the same distinct seeds (each once): then their runs are paired by seed."""
-    sa, sb = [r.seed for r in a], [r.seed for r in b]
-    return None not in sa and len(set(sa)) == len(sa) and len(set(sb)) == len(sb) and set(sa) == set(sb)
-
-
 def ratio_bootstrap(num: np.ndarray, den: np.ndarray, paired: bool, n_boot: int = DEFAULT_BOOTSTRAP,
                     rng_seed: int = DEFAULT_RNG_SEED) -> tuple[float, float] | None:
     """95% percentile interval of mean(num) / mean(den) over seeds: resample seeds with replacement, the
@@ -979,13 +973,14 @@ def data_strategy_summary(data: str | None, arms: list[list[Run]], better: str |
     grpo = next((a for a in arms if a[0].algorithm == BASELINE), None)
     for a in arms:
         if a[0].algorithm == HICRA and grpo is not None:
-            hicra_rows, grpo_rows, paired = rows[a[0].arm], rows[grpo[0].arm], same_seeds(a, grpo)
+            # paired by seed (a seed fixes the prompt order) when both ran the same seeds, or on the seeds both
+            # ran when one arm has extra seeds (at least 2 in common); else each arm resampled on its own
             common = common_seeds(a, grpo)
-            if not paired and common is not None and len(common) >= 2:
-                # one arm ran extra seeds: compare on the seeds both ran, paired (a seed fixes the prompt order)
+            paired = common is not None and (len(common) >= 2 or common == {r.seed for r in a} == {r.seed for r in grpo})
+            hicra_rows, grpo_rows = rows[a[0].arm], rows[grpo[0].arm]
+            if paired:
                 hicra_rows = [r for r in hicra_rows if r["seed"] in common]
                 grpo_rows = [r for r in grpo_rows if r["seed"] in common]
-                paired = True
             entry["ratios"].append(slope_ratio(hicra_rows, grpo_rows, paired, n_boot, rng_seed))
     return entry
 
